@@ -1,0 +1,134 @@
+"""Command-line flags, including the Go tool's single-dash spellings, into one Settings."""
+import argparse
+import ipaddress
+import re
+
+from healthcheck import __version__
+from healthcheck.errors import ConfigError
+from healthcheck.matching import DEFAULT_NAME_PATTERN, NamePattern
+from healthcheck.probe import DEFAULT_BAD_STATUSES
+
+_PREFIX_RE = re.compile(r"(/[A-Za-z0-9_.~-]+)*")
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0: %r" % text)
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0: %r" % text)
+    return value
+
+
+def _port(text, allow_zero=False):
+    value = int(text)
+    if not (0 if allow_zero else 1) <= value <= 65535:
+        raise argparse.ArgumentTypeError("not a TCP port: %r" % text)
+    return value
+
+
+def _ngx_port(text):
+    return _port(text, allow_zero=True)
+
+
+def _count(text):
+    value = int(text)
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError("must be 1..4096: %r" % text)
+    return value
+
+
+def _prefix(text):
+    text = text.rstrip("/")
+    if not _PREFIX_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError("prefix must look like /container-healthcheck: %r" % text)
+    return text
+
+
+def _statuses(text):
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("comma-separated HTTP statuses expected: %r" % text)
+    if not all(100 <= v <= 599 for v in values):
+        raise argparse.ArgumentTypeError("HTTP statuses are 100..599: %r" % text)
+    return values
+
+
+def _networks(text):
+    try:
+        return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _name_pattern(text):
+    try:
+        NamePattern(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return text
+
+
+def _add_common(parser):
+    """Flags shared by `serve` and `check`. Single-dash forms are the Go tool's spellings."""
+    add = parser.add_argument
+    add("--ngx-port", "-ngx-port", type=_ngx_port, default=8010,
+        help="APPO Nginx port probed at /o/<app>/ (0 = no probe; default 8010)")
+    add("--level", "-level", default="info", choices=["debug", "info", "warn", "warning", "error"],
+        help="log level (default info)")
+    add("--logpath", "-logpath", default="", help="directory for container-healthcheck.log (default: stderr)")
+    add("--docker-bin", default="docker", help="docker CLI binary (default: docker on PATH)")
+    add("--docker-timeout", type=_positive_float, default=5.0, help="seconds per docker CLI call (default 5)")
+    add("--name-pattern", type=_name_pattern, default=DEFAULT_NAME_PATTERN,
+        help="container name regex, full match, {app} = escaped app code (default %(default)s)")
+    add("--probe-timeout", type=_positive_float, default=2.0, help="probe deadline in seconds (default 2)")
+    add("--probe-bad-status", type=_statuses, default=DEFAULT_BAD_STATUSES,
+        help="probe statuses that mean the app is down (default 502,503,504)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="container-healthcheck", allow_abbrev=False,
+        description="Tells a load balancer whether an app's Docker container on this host is healthy.")
+    parser.add_argument("--version", action="version", version="container-healthcheck " + __version__)
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", allow_abbrev=False, help="run the HTTP service")
+    add = serve.add_argument
+    add("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    add("--port", "-port", type=_port, default=4246, help="TCP port (default 4246)")
+    add("--prefix", "-prefix", type=_prefix, default="/container-healthcheck",
+        help="URL prefix (default /container-healthcheck)")
+    add("--allow", type=_networks, default=None,
+        help="comma-separated CIDRs allowed to connect (others get 403)")
+    add("--refresh", type=_non_negative_float, default=2.0,
+        help="max age in seconds of the container list without docker events (0 = ask docker per request)")
+    add("--max-stale", type=_non_negative_float, default=10.0,
+        help="seconds the last container list may serve while docker does not answer (default 10)")
+    add("--no-events", action="store_true", help="do not follow `docker events` (TTL only)")
+    add("--probe-ttl", type=_non_negative_float, default=2.0, help="seconds a probe result is reused (default 2)")
+    add("--probe-concurrency", type=_count, default=8, help="probes /apps runs at once (default 8)")
+    add("--threads", type=_count, default=16, help="HTTP worker threads (default 16)")
+    add("--backlog", type=_count, default=1024, help="listen backlog (default 1024)")
+    _add_common(serve)
+
+    check = commands.add_parser("check", allow_abbrev=False,
+                                help="print one app's verdict as JSON; exit 0 healthy, 1 unhealthy, 2 unknown")
+    check.add_argument("app_code")
+    check.add_argument("--all", action="store_true", help="list non-running containers too")
+    _add_common(check)
+    return parser
+
+
+def parse_args(argv):
+    """Parse argv. With no subcommand, or the Go tool's bare flags, `serve` is meant."""
+    argv = list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    return build_parser().parse_args(argv)

@@ -1,0 +1,186 @@
+"""The HTTP layer: Bottle routes over a Checker; the only module that imports bottle."""
+import ipaddress
+import json
+import logging
+import pkgutil
+import time
+
+import bottle
+
+from healthcheck import errors
+from healthcheck.checker import encode, error_answer
+from healthcheck.matching import validate_app_code
+from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from healthcheck.models import error_envelope, ok_envelope
+
+JSON = "application/json"
+access_log = logging.getLogger("healthcheck.access")
+log = logging.getLogger(__name__)
+
+_HEALTH_BODY = encode(ok_envelope("i'm healthy"))
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+def load_openapi(prefix):
+    """The packaged OpenAPI document, with `servers` set to this prefix."""
+    document = json.loads(pkgutil.get_data("healthcheck", "openapi.json").decode("utf-8"))
+    document["servers"] = [{"url": prefix or "/"}]
+    return document
+
+
+def make_app(checker, metrics, prefix="/container-healthcheck"):
+    """The Bottle app: routes under prefix, JSON envelopes for every answer and error."""
+    app = bottle.Bottle(catchall=True, autojson=False)
+    openapi_body = encode(load_openapi(prefix))
+
+    def send(status, body, content_type=JSON):
+        bottle.response.status = status
+        bottle.response.content_type = content_type
+        bottle.response.set_header("Cache-Control", "no-store")
+        return body
+
+    def bad_request(exc):
+        answer = error_answer(exc)
+        return send(answer.status, answer.body)
+
+    @app.get(prefix + "/health")
+    def health():
+        try:
+            query_flags(())
+        except errors.InvalidInput as exc:
+            return bad_request(exc)
+        return send(200, _HEALTH_BODY)
+
+    @app.get(prefix + "/apps/health/<app_code>")
+    def app_health(app_code):
+        try:
+            include_all = query_flags(("all",)).get("all", False)
+            validate_app_code(app_code)
+        except errors.InvalidInput as exc:
+            return bad_request(exc)
+        answer = checker.answer(app_code, include_all)
+        return send(answer.status, answer.body)
+
+    @app.get(prefix + "/apps")
+    def apps():
+        try:
+            include_all = query_flags(("all",)).get("all", False)
+        except errors.InvalidInput as exc:
+            return bad_request(exc)
+        status, envelope, _ = checker.all_answers(include_all)
+        return send(status, encode(envelope))
+
+    @app.get(prefix + "/metrics")
+    def prometheus():
+        try:
+            query_flags(())
+        except errors.InvalidInput as exc:
+            return bad_request(exc)
+        return send(200, metrics.render(), METRICS_CONTENT_TYPE)
+
+    @app.get(prefix + "/openapi.json")
+    def openapi():
+        try:
+            query_flags(())
+        except errors.InvalidInput as exc:
+            return bad_request(exc)
+        return send(200, openapi_body)
+
+    def error_page(code, status):
+        def handler(error):
+            bottle.response.content_type = JSON
+            bottle.response.set_header("Cache-Control", "no-store")
+            if status == 500:
+                log.error("internal error on %s: %s", bottle.request.path, error.traceback or error.body)
+                message = "internal error"
+            elif status == 405:
+                message = "method %s not allowed; use %s" % (
+                    _printable(bottle.request.method), bottle.response.get_header("Allow", "GET, HEAD"))
+            else:
+                message = "no such route: %s" % _printable(bottle.request.path)[:200]
+            return encode(error_envelope(code, message))
+        return handler
+
+    app.error(404)(error_page(errors.CODE_NO_ROUTE, 404))
+    app.error(405)(error_page(errors.CODE_NO_ROUTE, 405))
+    app.error(500)(error_page(errors.CODE_DOCKER_FAILED, 500))
+    return app
+
+
+def query_flags(allowed):
+    """Parse the query string: only `allowed` boolean flags, each at most once.
+    :raises InvalidInput: unknown parameter, repeated parameter, or a value not true/false."""
+    if not bottle.request.environ.get("QUERY_STRING"):
+        return {}
+    flags = {}
+    for name, value in bottle.request.query.allitems():
+        if name not in allowed:
+            raise errors.InvalidInput("unknown query parameter %s (allowed: %s)"
+                                      % (_printable(name)[:64], ", ".join(allowed) or "none"))
+        if name in flags:
+            raise errors.InvalidInput("query parameter %s given more than once" % name)
+        lowered = value.lower()
+        if lowered in _TRUE:
+            flags[name] = True
+        elif lowered in _FALSE:
+            flags[name] = False
+        else:
+            raise errors.InvalidInput("query parameter %s must be true or false, not %s" % (name, _printable(value)[:64]))
+    return flags
+
+
+def _printable(text):
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
+class Instrumented(object):
+    """WSGI middleware: client allow-list, one access-log line and one metric per request."""
+
+    def __init__(self, app, metrics, allow=None):
+        self._app = app
+        self._metrics = metrics
+        self._allow = [ipaddress.ip_network(net, strict=False) for net in allow] if allow else None
+        self._allowed_addrs = {}
+
+    def __call__(self, environ, start_response):
+        started = time.monotonic()
+        seen = []
+
+        def recording_start_response(status, headers, exc_info=None):
+            seen.append(status)
+            return start_response(status, headers, exc_info)
+
+        if self._allow is not None and not self._allowed(environ.get("REMOTE_ADDR", "")):
+            body = encode(error_envelope(errors.CODE_FORBIDDEN, "client address not allowed"))
+            recording_start_response("403 Forbidden", [("Content-Type", JSON), ("Content-Length", str(len(body)))])
+            result = [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+        else:
+            result = self._app(environ, recording_start_response)
+        status = int(seen[0][:3]) if seen else 500
+        route = environ.get("bottle.route")
+        label = route.rule if route is not None else ("forbidden" if status == 403 else "unmatched")
+        self._metrics.http_request(label, status)
+        if access_log.isEnabledFor(logging.INFO):
+            path = environ.get("PATH_INFO", "")
+            query = environ.get("QUERY_STRING")
+            if query:
+                path = path + "?" + query
+            access_log.info("%s %s %d %.1fms %s", _printable(environ.get("REQUEST_METHOD", "")),
+                            _printable(path)[:300], status, (time.monotonic() - started) * 1000,
+                            environ.get("REMOTE_ADDR", "-"))
+        return result
+
+    def _allowed(self, addr):
+        verdict = self._allowed_addrs.get(addr)
+        if verdict is None:
+            try:
+                ip = ipaddress.ip_address(addr)
+                verdict = any(ip in net for net in self._allow)
+            except ValueError:
+                verdict = False
+            if len(self._allowed_addrs) < 10000:
+                self._allowed_addrs[addr] = verdict
+        return verdict
