@@ -1,0 +1,40 @@
+# make run: set up .venv and start the service in the foreground (extra flags: ARGS='...').
+# make test: install what the tests need, start a private dockerd, run the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: run test venv test-venv deps rpm bench clean e2e
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install -y python3-venv" >&2; exit 1; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+test-venv: $(VENV)/.test-installed
+
+run: venv
+	$(VENV)/bin/container-healthcheck serve $(ARGS)
+
+deps:
+	scripts/install-deps
+
+test: deps test-venv
+	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_ARGS) tests
+
+rpm: venv
+	scripts/build-rpm
+
+bench: deps venv
+	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,152 @@
+"""Test helpers: a real service subprocess, plain HTTP to 127.0.0.1, docker CLI calls."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+FAKE_DOCKER = os.path.join(FIXTURES, "bin", "fake-docker")
+COUNTING_DOCKER = os.path.join(FIXTURES, "bin", "counting-docker")
+IMAGE = os.environ.get("HC_TEST_IMAGE", "hc-busybox:test")
+PREFIX = "/container-healthcheck"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unique_app(stem="t"):
+    return "%s%s" % (stem, uuid.uuid4().hex[:10])
+
+
+def name_for(app, stamp=None, dash=True):
+    stamp = int(time.time()) if stamp is None else stamp
+    return "%s%s%010d" % (app, "-" if dash else "", stamp)
+
+
+def http(port, path, method="GET", timeout=10, headers=None, host="127.0.0.1"):
+    """(status, headers, body) of one request; a new connection each time."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def get_json(port, path, **kwargs):
+    status, _, body = http(port, path, **kwargs)
+    return status, json.loads(body.decode("utf-8"))
+
+
+class Service(object):
+    """container-healthcheck as a real subprocess, like systemd runs it."""
+
+    def __init__(self, *flags, env=None, port=None, log_path=None, subcommand="serve"):
+        self.port = port or free_port()
+        self.flags = list(flags)
+        self.env = dict(os.environ, **(env or {}))
+        self.log_path = log_path
+        self.subcommand = subcommand
+        self.proc = None
+
+    @property
+    def argv(self):
+        head = [sys.executable, "-m", "healthcheck"]
+        if self.subcommand:
+            head.append(self.subcommand)
+        if "-port" not in self.flags and "--port" not in self.flags:
+            head += ["--port", str(self.port)]
+        return head + self.flags
+
+    def start(self, wait_s=20):
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=self._log, cwd=ROOT)
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("service exited with %s" % self.proc.returncode)
+            try:
+                if http(self.port, PREFIX + "/health", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("service did not answer /health")
+
+    def get(self, path, **kwargs):
+        return get_json(self.port, PREFIX + path, **kwargs)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def wait_for(predicate, timeout_s=20, interval_s=0.05):
+    """Poll predicate until truthy; return its value or the last falsy one."""
+    deadline = time.time() + timeout_s
+    value = predicate()
+    while not value and time.time() < deadline:
+        time.sleep(interval_s)
+        value = predicate()
+    return value
+
+
+class Docker(object):
+    """The real docker CLI; remembers what it created and removes it."""
+
+    def __init__(self, env=None):
+        self.env = dict(os.environ, **(env or {}))
+        self.created = []
+
+    def __call__(self, *args, check=True, timeout=60):
+        proc = subprocess.run(["docker"] + list(args), env=self.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError("docker %s failed: %s" % (" ".join(args), proc.stderr))
+        return proc.stdout.strip()
+
+    def run(self, name, *options, cmd=("sleep", "3600"), detach=True):
+        args = ["run"] + (["-d"] if detach else []) + ["--name", name, "--label", "hc-test=1"]
+        if "--network" not in options:
+            args += ["--network", "none"]
+        self.created.append(name)
+        return self(*(args + list(options) + [IMAGE] + list(cmd)))
+
+    def create(self, name, *options, cmd=("sleep", "3600")):
+        self.created.append(name)
+        return self("create", "--name", name, "--label", "hc-test=1", "--network", "none",
+                    *(list(options) + [IMAGE] + list(cmd)))
+
+    def state(self, name):
+        return self("inspect", "-f", "{{.State.Status}}", name)
+
+    def health(self, name):
+        return self("inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{end}}", name)
+
+    def cleanup(self):
+        if self.created:
+            self("rm", "-f", *self.created, check=False)
+            self.created = []
