@@ -94,6 +94,8 @@ def make_app(checker, metrics, prefix="/container-healthcheck"):
             if status == 500:
                 log.error("internal error on %s: %s", bottle.request.path, error.traceback or error.body)
                 message = "internal error"
+            elif status == 400:
+                message = "bad request: %s" % _printable(str(error.body))[:200]
             elif status == 405:
                 message = "method %s not allowed; use %s" % (
                     _printable(bottle.request.method), bottle.response.get_header("Allow", "GET, HEAD"))
@@ -102,6 +104,7 @@ def make_app(checker, metrics, prefix="/container-healthcheck"):
             return encode(error_envelope(code, message))
         return handler
 
+    app.error(400)(error_page(errors.CODE_INVALID_INPUT, 400))
     app.error(404)(error_page(errors.CODE_NO_ROUTE, 404))
     app.error(405)(error_page(errors.CODE_NO_ROUTE, 405))
     app.error(500)(error_page(errors.CODE_DOCKER_FAILED, 500))
