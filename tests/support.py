@@ -1,5 +1,5 @@
 """Test helpers: a real service subprocess, plain HTTP to 127.0.0.1, docker CLI calls."""
-import http.client
+import http.client as httpclient
 import json
 import os
 import signal
@@ -28,13 +28,13 @@ def unique_app(stem="t"):
 
 
 def name_for(app, stamp=None, dash=True):
-    stamp = int(time.time()) if stamp is None else stamp
+    stamp = 1700000000 if stamp is None else stamp
     return "%s%s%010d" % (app, "-" if dash else "", stamp)
 
 
 def http(port, path, method="GET", timeout=10, headers=None, host="127.0.0.1"):
     """(status, headers, body) of one request; a new connection each time."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn = httpclient.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
