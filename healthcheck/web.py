@@ -7,7 +7,7 @@ import time
 
 import bottle
 
-from healthcheck import errors
+from healthcheck import __version__, errors
 from healthcheck.checker import encode, error_answer
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -26,6 +26,7 @@ def load_openapi(prefix):
     """The packaged OpenAPI document, with `servers` set to this prefix."""
     document = json.loads(pkgutil.get_data("healthcheck", "openapi.json").decode("utf-8"))
     document["servers"] = [{"url": prefix or "/"}]
+    document["info"]["version"] = __version__
     return document
 
 
