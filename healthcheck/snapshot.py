@@ -26,12 +26,14 @@ class Snapshotter(object):
     """
 
     def __init__(self, fetch, refresh_s=2.0, max_stale_s=10.0, wait_s=6.0, retry_s=0.5,
-                 clock=time.monotonic):
+                 settle_s=0.3, clock=time.monotonic):
         self._fetch = fetch
         self.refresh_s = refresh_s
         self.max_stale_s = max_stale_s
         self._wait_s = wait_s
         self._retry_s = retry_s
+        self._settle_s = settle_s
+        self._settle_at = _NEVER
         self._clock = clock
         self._cond = threading.Condition()
         self._current = None
@@ -58,6 +60,9 @@ class Snapshotter(object):
         """A container changed: the next answer must come from a `docker ps` begun after now."""
         with self._cond:
             self._invalidated_at = self._clock()
+            # dockerd emits an event slightly before `docker ps` shows its effect (the
+            # container view is updated after the event is logged), so look once more.
+            self._settle_at = self._invalidated_at + self._settle_s
             self._cond.notify_all()
 
     def age_s(self):
@@ -109,6 +114,8 @@ class Snapshotter(object):
         wanted = max(self._wanted_after, self._invalidated_at)
         if current is None or current.started_at < wanted:
             due = now
+        elif current.started_at < self._settle_at:
+            due = self._settle_at
         elif self.refresh_s > 0:
             # Refresh ahead, so requests find a fresh snapshot instead of waiting for one.
             due = current.started_at + self.refresh_s * 0.75

@@ -156,11 +156,11 @@ def test_head(service, docker):
     assert status == 503 and body == b""
 
 
-def test_dead_container_seen_within_a_second_by_events(docker_engine, docker):
+def test_dead_container_seen_within_a_second_by_events(docker_engine, docker, tmp_path):
     app = unique_app()
     docker.run(name_for(app))
     # --refresh 60: only the events stream can explain a fast change.
-    with Service("--ngx-port", "0", "--refresh", "60") as svc:
+    with Service("--ngx-port", "0", "--refresh", "60", "--level", "debug", log_path=str(tmp_path / "log")) as svc:
         assert wait_status(svc, app, 200)[0] == 200
         docker("kill", name_for(app))
         killed = time.monotonic()
