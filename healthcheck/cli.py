@@ -79,7 +79,8 @@ def serve(args):
     metrics = Metrics()
     service = Service(args, metrics, args.refresh, args.max_stale, args.probe_ttl,
                       args.probe_concurrency, events=not args.no_events).start()
-    app = web.Instrumented(web.make_app(service.checker, metrics, args.prefix), metrics, args.allow)
+    access_log = logs.AccessLog().start()
+    app = web.Instrumented(web.make_app(service.checker, metrics, args.prefix), metrics, args.allow, access_log)
     http = server.make_server(app, args.bind, args.port, threads=args.threads, backlog=args.backlog)
     log.warning("container-healthcheck %s: docker=%s refresh=%gs max-stale=%gs ngx-port=%d prefix=%s",
                 __version__, args.docker_bin, args.refresh, args.max_stale, args.ngx_port, args.prefix or "/")
@@ -90,6 +91,7 @@ def serve(args):
         return EXIT_UNKNOWN
     finally:
         service.stop()
+        access_log.stop()
     log.warning("stopped")
     return 0
 

@@ -14,7 +14,6 @@ from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from healthcheck.models import error_envelope, ok_envelope
 
 JSON = "application/json"
-access_log = logging.getLogger("healthcheck.access")
 log = logging.getLogger(__name__)
 
 _HEALTH_BODY = encode(ok_envelope("i'm healthy"))
@@ -143,9 +142,10 @@ def _printable(text):
 class Instrumented(object):
     """WSGI middleware: client allow-list, one access-log line and one metric per request."""
 
-    def __init__(self, app, metrics, allow=None):
+    def __init__(self, app, metrics, allow=None, access_log=None):
         self._app = app
         self._metrics = metrics
+        self._access_log = access_log if access_log is not None and access_log.enabled else None
         self._allow = [ipaddress.ip_network(net, strict=False) for net in allow] if allow else None
         self._allowed_addrs = {}
 
@@ -167,14 +167,14 @@ class Instrumented(object):
         route = environ.get("bottle.route")
         label = route.rule if route is not None else ("forbidden" if status == 403 else "unmatched")
         self._metrics.http_request(label, status)
-        if access_log.isEnabledFor(logging.INFO):
+        if self._access_log is not None:
             path = environ.get("PATH_INFO", "")
             query = environ.get("QUERY_STRING")
             if query:
                 path = path + "?" + query
-            access_log.info("%s %s %d %.1fms %s", _printable(environ.get("REQUEST_METHOD", "")),
-                            _printable(path)[:300], status, (time.monotonic() - started) * 1000,
-                            environ.get("REMOTE_ADDR", "-"))
+            self._access_log.add("%s %s %d %.1fms %s" % (
+                _printable(environ.get("REQUEST_METHOD", "")), _printable(path)[:300], status,
+                (time.monotonic() - started) * 1000, environ.get("REMOTE_ADDR", "-")))
         return result
 
     def _allowed(self, addr):
