@@ -35,7 +35,7 @@ class Service(object):
         probe = None
         if args.ngx_port:
             def probe(app):
-                result = probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status)
+                result = probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
                 metrics.probe_done(result)
                 if not result.ok:
                     log.warning("probe for %s: %s", app, result.describe())

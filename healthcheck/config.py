@@ -80,6 +80,8 @@ def _add_common(parser):
     add = parser.add_argument
     add("--ngx-port", "-ngx-port", type=_ngx_port, default=8010,
         help="APPO Nginx port probed at /o/<app>/ (0 = no probe; default 8010)")
+    add("--ngx-host", default="127.0.0.1",
+        help="address of the APPO Nginx for the probe (default 127.0.0.1)")
     add("--level", "-level", default="info", choices=["debug", "info", "warn", "warning", "error"],
         help="log level (default info)")
     add("--logpath", "-logpath", default="", help="directory for container-healthcheck.log (default: stderr)")

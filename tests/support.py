@@ -51,7 +51,8 @@ def get_json(port, path, **kwargs):
 class Service(object):
     """container-healthcheck as a real subprocess, like systemd runs it."""
 
-    def __init__(self, *flags, env=None, port=None, log_path=None, subcommand="serve"):
+    def __init__(self, *flags, env=None, port=None, log_path=None, subcommand="serve", host="127.0.0.1"):
+        self.host = host
         self.port = port or free_port()
         self.flags = list(flags)
         self.env = dict(os.environ, **(env or {}))
@@ -76,7 +77,7 @@ class Service(object):
             if self.proc.poll() is not None:
                 raise RuntimeError("service exited with %s" % self.proc.returncode)
             try:
-                if http(self.port, PREFIX + "/health", timeout=1)[0] == 200:
+                if http(self.port, PREFIX + "/health", timeout=1, host=self.host)[0] == 200:
                     return self
             except OSError:
                 pass
@@ -84,7 +85,7 @@ class Service(object):
         raise RuntimeError("service did not answer /health")
 
     def get(self, path, **kwargs):
-        return get_json(self.port, PREFIX + path, **kwargs)
+        return get_json(self.port, PREFIX + path, host=self.host, **kwargs)
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
         if self.proc is None or self.proc.poll() is not None:
