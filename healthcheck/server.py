@@ -8,12 +8,16 @@ from cheroot import wsgi
 log = logging.getLogger(__name__)
 
 
-def make_server(app, bind, port, threads=16, backlog=1024, timeout_s=10, shutdown_timeout_s=4):
+def make_server(app, bind, port, threads=16, backlog=1024, timeout_s=5, shutdown_timeout_s=4):
     """A cheroot server. backlog is the listen queue: cheroot's default of 5 overflows
     with 50 clients, whose connects then time out."""
     server = wsgi.Server((bind, port), app, numthreads=threads, request_queue_size=backlog,
                          timeout=timeout_s, shutdown_timeout=shutdown_timeout_s,
                          server_name="container-healthcheck")
+    # No route takes a body and no honest client sends 16 KiB of headers: refuse floods
+    # (cheroot answers 413) instead of buffering them.
+    server.max_request_header_size = 16 * 1024
+    server.max_request_body_size = 1024
     return server
 
 
