@@ -32,14 +32,7 @@ class Service(object):
                                 observe=metrics.docker_call)
         self.snapshotter = Snapshotter(self.docker.list_containers, refresh_s, max_stale_s,
                                        wait_s=args.docker_timeout + 0.5)
-        probe = None
-        if args.ngx_port:
-            def probe(app):
-                result = probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
-                metrics.probe_done(result)
-                if not result.ok:
-                    log.warning("probe for %s: %s", app, result.describe())
-                return result
+        probe = _make_probe(args, metrics) if args.ngx_port else None
         self.pool = ThreadPoolExecutor(max_workers=probe_workers) if probe_workers else None
         self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), probe=probe,
                                probe_cache=TTLCache(probe_ttl_s, wait_s=args.probe_timeout + 1),
@@ -59,6 +52,16 @@ class Service(object):
         self.snapshotter.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False)
+
+
+def _make_probe(args, metrics):
+    def probe(app):
+        result = probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
+        metrics.probe_done(result)
+        if not result.ok:
+            log.warning("probe for %s: %s", app, result.describe())
+        return result
+    return probe
 
 
 def _warn_unhealthy(report):

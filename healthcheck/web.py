@@ -40,51 +40,43 @@ def make_app(checker, metrics, prefix="/container-healthcheck"):
         bottle.response.set_header("Cache-Control", "no-store")
         return body
 
-    def bad_request(exc):
-        answer = error_answer(exc)
-        return send(answer.status, answer.body)
+    def route(path, flags=()):
+        """GET (and HEAD) route whose handler gets the parsed query flags; bad input is a 400
+        envelope before the handler runs."""
+        def register(handler):
+            def guarded(**kwargs):
+                try:
+                    parsed = query_flags(flags)
+                    if "app_code" in kwargs:
+                        validate_app_code(kwargs["app_code"])
+                except errors.InvalidInput as exc:
+                    answer = error_answer(exc)
+                    return send(answer.status, answer.body)
+                return handler(parsed, **kwargs)
+            app.get(prefix + path, name=handler.__name__)(guarded)
+            return handler
+        return register
 
-    @app.get(prefix + "/health")
-    def health():
-        try:
-            query_flags(())
-        except errors.InvalidInput as exc:
-            return bad_request(exc)
+    @route("/health")
+    def health(_flags):
         return send(200, _HEALTH_BODY)
 
-    @app.get(prefix + "/apps/health/<app_code>")
-    def app_health(app_code):
-        try:
-            include_all = query_flags(("all",)).get("all", False)
-            validate_app_code(app_code)
-        except errors.InvalidInput as exc:
-            return bad_request(exc)
-        answer = checker.answer(app_code, include_all)
+    @route("/apps/health/<app_code>", flags=("all",))
+    def app_health(flags, app_code):
+        answer = checker.answer(app_code, flags.get("all", False))
         return send(answer.status, answer.body)
 
-    @app.get(prefix + "/apps")
-    def apps():
-        try:
-            include_all = query_flags(("all",)).get("all", False)
-        except errors.InvalidInput as exc:
-            return bad_request(exc)
-        status, envelope, _ = checker.all_answers(include_all)
+    @route("/apps", flags=("all",))
+    def apps(flags):
+        status, envelope, _ = checker.all_answers(flags.get("all", False))
         return send(status, encode(envelope))
 
-    @app.get(prefix + "/metrics")
-    def prometheus():
-        try:
-            query_flags(())
-        except errors.InvalidInput as exc:
-            return bad_request(exc)
+    @route("/metrics")
+    def prometheus(_flags):
         return send(200, metrics.render(), METRICS_CONTENT_TYPE)
 
-    @app.get(prefix + "/openapi.json")
-    def openapi():
-        try:
-            query_flags(())
-        except errors.InvalidInput as exc:
-            return bad_request(exc)
+    @route("/openapi.json")
+    def openapi(_flags):
         return send(200, openapi_body)
 
     def error_page(code, status):

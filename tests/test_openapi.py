@@ -1,5 +1,4 @@
 """The OpenAPI document: valid, in step with the routes, and upheld by schemathesis live."""
-import json
 import os
 import re
 import subprocess
@@ -9,7 +8,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from healthcheck.web import load_openapi, make_app
-from support import ROOT, Service, name_for, unique_app, wait_for
+from support import Service, name_for, unique_app, wait_for
 
 pytestmark = pytest.mark.docker
 

@@ -11,30 +11,13 @@ from hypothesis import given, settings, strategies as st
 
 from healthcheck import errors, parsing
 from healthcheck.docker import PS_ARGS
-from support import FAKE_DOCKER, PREFIX, ROOT, Service, free_port, http, name_for, unique_app, wait_for
+from support import child_pids, cmdline, FAKE_DOCKER, PREFIX, ROOT, Service, http, name_for, unique_app, wait_for
 
 pytestmark = pytest.mark.docker
 
 
-def _children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE, universal_newlines=True).stdout
-    return [int(p) for p in out.split()]
 
 
-def _descendants(pid):
-    found = []
-    for child in _children(pid):
-        found.append(child)
-        found.extend(_descendants(child))
-    return found
-
-
-def _cmd(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _load(svc, path, stop, results, keepalive=True):
@@ -88,7 +71,7 @@ def test_dockerd_stopped_under_load_then_started(docker_engine, tmp_path):
         for thread in threads:
             thread.join(5)
         # the events stream reconnects (its backoff is capped at 5 s)
-        events = wait_for(lambda: [p for p in _children(svc.proc.pid) if " events " in _cmd(p)], 8)
+        events = wait_for(lambda: [p for p in child_pids(svc.proc.pid) if " events " in cmdline(p)], 8)
     assert all(elapsed < 5 + 1 for _, elapsed, _, _ in results), max(r[1] for r in results)
     assert all(status in (200, 503) for _, _, status, _ in results)
     # --max-stale 3 after the last good list (taken at most --refresh 1 before the stop)
@@ -106,9 +89,7 @@ def test_hanging_docker_keeps_one_docker_process_and_bounded_answers(tmp_path):
         peak = 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            ps = [p for p in _descendants(svc.proc.pid) if "fake-docker ps" in _cmd(p) or
-                  (" ps " in _cmd(p) and "fake-docker" in _cmd(p))]
-            peak = max(peak, len([p for p in _children(svc.proc.pid) if " ps " in _cmd(p)]))
+            peak = max(peak, len([p for p in child_pids(svc.proc.pid) if " ps " in cmdline(p)]))
             time.sleep(0.05)
         stop.set()
         for thread in threads:
@@ -139,7 +120,7 @@ def test_sigterm_under_load_finishes_requests_and_exits_zero(docker_engine, dock
     svc = Service("--ngx-port", "0").start()
     stop, results, threads = _run_load(svc, "/apps/health/" + app, clients=8)
     time.sleep(1)
-    children = _children(svc.proc.pid)
+    children = child_pids(svc.proc.pid)
     started = time.monotonic()
     svc.proc.send_signal(signal.SIGTERM)
     code = svc.proc.wait(10)

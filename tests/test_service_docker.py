@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service, free_port, http, name_for,
+from support import (child_pids, cmdline, COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service, free_port, http, name_for,
                      unique_app, wait_for)
 
 pytestmark = pytest.mark.docker
@@ -171,17 +171,8 @@ def test_dead_container_seen_within_a_second_by_events(docker_engine, docker, tm
         assert wait_status(svc, app, 200, 5)[0] == 200 and time.monotonic() - started < 1.0
 
 
-def _children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE, universal_newlines=True).stdout
-    return [int(p) for p in out.split()]
 
 
-def _cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def test_events_stream_restarts_after_its_process_is_killed(docker_engine, docker):
@@ -189,11 +180,11 @@ def test_events_stream_restarts_after_its_process_is_killed(docker_engine, docke
     docker.run(name_for(app))
     with Service("--ngx-port", "0", "--refresh", "60") as svc:
         assert wait_status(svc, app, 200)[0] == 200
-        events = [p for p in _children(svc.proc.pid) if " events " in _cmdline(p)]
+        events = [p for p in child_pids(svc.proc.pid) if " events " in cmdline(p)]
         assert len(events) == 1
         os.kill(events[0], signal.SIGKILL)
-        restarted = wait_for(lambda: [p for p in _children(svc.proc.pid)
-                                      if " events " in _cmdline(p) and p != events[0]], 10)
+        restarted = wait_for(lambda: [p for p in child_pids(svc.proc.pid)
+                                      if " events " in cmdline(p) and p != events[0]], 10)
         assert restarted
         time.sleep(0.5)
         docker("kill", name_for(app))

@@ -234,7 +234,7 @@ function M.balance(app)
             log(ngx.WARN, "no APPO known healthy for app ", tostring(app), ": failing open to all ", #appos)
         end
         if #candidates == 0 then
-            return ngx.exit(502)
+            return ngx.exit(ngx.ERROR)
         end
         local start = (rr[app] or 0) % #candidates
         rr[app] = start + 1
