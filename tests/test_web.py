@@ -230,3 +230,37 @@ def test_allow_list(harness):
     status, body = h.json("/health", remote="127.0.0.1")
     assert status == 403 and body["status"] == "error"
     assert h.json("/health", remote="10.1.2.3")[0] == 200
+
+
+def test_probe_results_are_cached_and_shared_by_apps(harness):
+    calls = []
+
+    def probe(app):
+        calls.append(app)
+        return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
+    h = harness(probe=probe)
+    for _ in range(20):
+        assert h.json("/apps/health/good")[0] == 200
+    h.json("/apps")
+    h.json("/apps")
+    # one probe per serving app per TTL, whoever asks: good and probed serve, the rest do not
+    assert sorted(calls) == ["good", "probed"]
+
+
+def test_probe_results_single_flight(harness):
+    import threading
+    import time as _time
+    calls = []
+
+    def slow_probe(app):
+        calls.append(app)
+        _time.sleep(0.3)
+        return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
+    h = harness(probe=slow_probe)
+    h.snapshotter.get()
+    threads = [threading.Thread(target=h.checker.answer, args=("good",)) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["good"]
