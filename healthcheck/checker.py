@@ -65,13 +65,9 @@ class Checker(object):
             memo[key] = (probe, result)
         return result
 
-    def check(self, app, include_all=False):
-        """(HealthReport or None, envelope dict) for the command line."""
-        result = self.answer(app, include_all)
-        return result.report, json.loads(result.body.decode("utf-8"))
-
     def all_answers(self, include_all=False):
-        """(status, envelope) for /apps: every app on this host, the same verdict as per app."""
+        """(status, envelope, reports) for /apps: every app on this host, each with the same
+        verdict as its own health route."""
         try:
             snapshot, stale_s = self._snapshotter.get()
         except errors.DockerError as exc:

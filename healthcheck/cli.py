@@ -36,7 +36,7 @@ class Service(object):
         self.pool = ThreadPoolExecutor(max_workers=probe_workers) if probe_workers else None
         self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), probe=probe,
                                probe_cache=TTLCache(probe_ttl_s, wait_s=args.probe_timeout + 1),
-                               probe_pool=self.pool, observe=_warn_unhealthy)
+                               probe_pool=self.pool, observe=VerdictLog())
         self.events = EventsWatcher(self.docker, self.snapshotter.invalidate, metrics) if events else None
         metrics.set_sources(self.snapshotter.age_s, lambda: self.checker.all_answers()[2])
 
@@ -64,9 +64,32 @@ def _make_probe(args, metrics):
     return probe
 
 
-def _warn_unhealthy(report):
-    if not report.healthy:
-        log.warning("app %s is not healthy: %s", report.app, report.reason)
+class VerdictLog(object):
+    """Logs a verdict when it changes: a WARNING with the reason when an app turns (or is
+    first seen) unhealthy, INFO when it recovers. Balancers poll every few seconds; repeating
+    an unchanged verdict would bury the changes."""
+
+    _MAX_APPS = 10000
+
+    def __init__(self):
+        self._last = {}
+
+    def __call__(self, report):
+        previous = self._last.get(report.app)
+        # Docker's Status text ages every second; what matters is which containers are in
+        # which state and what the probe said.
+        probe = report.probe
+        current = (report.healthy, tuple((c.name, c.state, c.health) for c in report.containers),
+                   None if probe is None else (probe.ok, probe.status, probe.error))
+        if previous == current:
+            return
+        if len(self._last) >= self._MAX_APPS:
+            self._last.clear()
+        self._last[report.app] = current
+        if not report.healthy:
+            log.warning("app %s is not healthy: %s", report.app, report.reason)
+        elif previous is not None:
+            log.info("app %s is healthy again: %s", report.app, report.chosen.name)
 
 
 def serve(args):
