@@ -68,3 +68,11 @@ def test_schemathesis_against_the_live_service(docker_engine, docker, tmp_path):
     tested = re.search(r"Tested: (\d+)", proc.stdout)
     assert tested and int(tested.group(1)) >= 9, proc.stdout[-3000:]
     assert ours[0] == 200
+
+
+def test_every_status_the_issue_names_is_documented():
+    statuses = set()
+    for item in load_openapi("/x")["paths"].values():
+        for op in item.values():
+            statuses.update(op["responses"])
+    assert {"200", "400", "404", "405", "503"} <= statuses
