@@ -74,23 +74,28 @@ class EventsWatcher(object):
     def _run(self):
         backoff = self._backoff_min
         starts = 0
+        failing = False  # while docker keeps failing, say so once, not every retry
         while not self._stop.is_set():
             started = self._clock()
             if starts and self._metrics is not None:
                 self._metrics.events_restarted()
             starts += 1
+            problem = None
             try:
-                self._stream_once()
+                problem = self._stream_once()
             except DockerError as exc:
-                log.warning("docker events could not start: %s", exc)
+                problem = "could not start: %s" % exc
             except Exception:
                 log.exception("docker events watcher failed")
             self._set_up(False)
             if self._stop.is_set():
                 break
             if self._clock() - started > 30:
-                backoff = self._backoff_min
-            log.warning("docker events stream ended; restarting in %.2fs (the snapshot TTL keeps answers fresh meanwhile)", backoff)
+                backoff, failing = self._backoff_min, False
+            level = logging.DEBUG if failing else logging.WARNING
+            log.log(level, "docker events stream ended (%s); restarting in %.2fs, the snapshot TTL keeps "
+                    "answers fresh meanwhile", problem or "no reason given", backoff)
+            failing = True
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self._backoff_max)
 
@@ -106,12 +111,13 @@ class EventsWatcher(object):
                 return
             self._set_up(True)
             self._on_change()
+            said = None
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace")
                 if is_invalidating(line):
                     self._on_change()
                 elif line.strip() and not line.lstrip().startswith("{"):
-                    log.warning("docker events: %s", line.strip()[:300])
+                    said = line.strip()[:300]  # docker's own words, e.g. the daemon is down
         finally:
             if proc.poll() is None:
                 kill_group(proc)
@@ -120,7 +126,7 @@ class EventsWatcher(object):
             proc.stdout.close()
             with self._lock:
                 self._proc = None
-        log.warning("docker events exited with %s", proc.returncode)
+        return "exit %s%s" % (proc.returncode, ": " + said if said else "")
 
     def _set_up(self, up):
         self.up = up
