@@ -293,3 +293,14 @@ def test_answers_reveal_only_documented_fields(docker_engine, docker):
         for path in ("/apps/health/" + app + "?all=true", "/apps"):
             status, _, body = http(svc.port, PREFIX + path)
             assert b"hunter2" not in body
+
+
+def test_log_file_is_appended_not_truncated_on_start(tmp_path):
+    logdir = tmp_path / "logs"
+    for _ in range(2):
+        with Service("--ngx-port", "0", "--docker-bin", FAKE_DOCKER, "--logpath", str(logdir),
+                     env={"FAKE_DOCKER_MODE": "ok"}) as svc:
+            svc.get("/apps/health/okapp")
+    text = (logdir / "container-healthcheck.log").read_text()
+    assert text.count("serving on") == 2
+    assert text.count("GET %s/apps/health/okapp 200" % PREFIX) == 2
