@@ -31,7 +31,7 @@ test: deps test-venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_ARGS) tests
 
 rpm: venv
-	scripts/build-rpm
+	PYTHON=$(CURDIR)/$(PY) scripts/build-rpm
 
 bench: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench
