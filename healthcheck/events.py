@@ -52,7 +52,6 @@ class EventsWatcher(object):
         self._lock = threading.Lock()
         self._proc = None
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
-        self.up = False
 
     def start(self):
         self._thread.start()
@@ -65,11 +64,6 @@ class EventsWatcher(object):
         if proc is not None and proc.poll() is None:
             kill_group(proc)
         self._thread.join(timeout_s)
-
-    @property
-    def pid(self):
-        proc = self._proc
-        return proc.pid if proc is not None else None
 
     def _run(self):
         backoff = self._backoff_min
@@ -129,6 +123,5 @@ class EventsWatcher(object):
         return "exit %s%s" % (proc.returncode, ": " + said if said else "")
 
     def _set_up(self, up):
-        self.up = up
         if self._metrics is not None:
             self._metrics.events_up(up)

@@ -86,10 +86,6 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
 
     __slots__ = ()
 
-    @property
-    def code(self):
-        return errors.CODE_OK if self.healthy else errors.CODE_UNHEALTHY
-
     def to_envelope(self):
         """The wire answer: {code, status, message, containers[, probe]}."""
         if self.healthy:

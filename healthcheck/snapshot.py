@@ -41,7 +41,6 @@ class Snapshotter(object):
         self._error_at = _NEVER
         self._wanted_after = _NEVER
         self._invalidated_at = _NEVER
-        self._fetching = False
         self._generation = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="docker-ps", daemon=True)
@@ -135,7 +134,6 @@ class Snapshotter(object):
                     self._cond.wait(min(wait, 60.0))
                 if self._stopped:
                     return
-                self._fetching = True
             started = self._clock()
             containers, error = None, None
             try:
@@ -146,7 +144,6 @@ class Snapshotter(object):
                 log.exception("docker ps fetch failed unexpectedly")
                 error = DockerError("unexpected error reading docker ps: %s" % exc)
             with self._cond:
-                self._fetching = False
                 if error is None:
                     if self._error is not None:
                         log.warning("docker answers again")
