@@ -81,6 +81,11 @@ def test_scriptlets(rpms):
     assert "systemctl enable container-healthcheck.service" in scripts
     assert "systemctl try-restart container-healthcheck.service" in scripts
     assert "disable container-healthcheck.service" in scripts and "systemctl stop" in scripts
+    # each scriptlet is valid sh
+    for tag in ("PREIN", "POSTIN", "PREUN", "POSTUN"):
+        body = run("rpm", "-qp", "--qf", "%%{%s}" % tag, rpms["current"])
+        assert body.strip() and body.strip() != "(none)", tag
+        subprocess.run(["sh", "-n"], input=body, universal_newlines=True, check=True, timeout=10)
 
 
 def test_sysconfig_carries_the_go_tools_opts(rpms, tmp_path):
