@@ -73,7 +73,9 @@ class Checker(object):
         except errors.DockerError as exc:
             return 503, error_envelope(exc.code, str(exc)), []
         apps = sorted(set(filter(None, (self._pattern.app_of(c.name) for c in snapshot.containers))))
-        selections = [(app,) + self._select(snapshot, app) for app in apps]
+        # The same per-snapshot selections as the per-app route: found once, used by both.
+        memo = self._memo_for(snapshot.generation) if stale_s is None else None
+        selections = [(app,) + self._select(snapshot, app, memo) for app in apps]
         probes = self._probe_all([(app, serving) for app, _, serving in selections])
         reports = [verdict.decide(app, matches, include_all, probes.get(app))
                    for app, matches, _ in selections]
