@@ -1,4 +1,4 @@
-"""Parser tests over every fixture line from Docker 1.13 to 28 (../shared/fixtures/docker-ps)."""
+"""Parser tests over every fixture line from Docker 1.13 to 28 (tests/fixtures/docker-ps, copied from the shared fixtures)."""
 import glob
 import json
 import os
@@ -9,7 +9,7 @@ from healthcheck import parsing
 from healthcheck.errors import DockerOutputError
 from healthcheck.models import Port
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "docker-ps")
+SHARED = os.path.join(os.path.dirname(__file__), "fixtures", "docker-ps")
 SYNTHETIC = sorted(glob.glob(os.path.join(SHARED, "synthetic", "*.expected.jsonl")))
 CAPTURED = sorted(glob.glob(os.path.join(SHARED, "captured", "*", "*.jsonl")))
 API = os.path.join(SHARED, "captured", "api_v1.41_containers_json.json")
