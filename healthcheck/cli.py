@@ -1,22 +1,22 @@
 """Entry point: parse flags, set up logging, wire the parts, serve or check; exit codes."""
-import json
 import logging
 import os
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from healthcheck import __version__, logs
-from healthcheck.cache import TTLCache
 from healthcheck.checker import Checker
 from healthcheck.config import parse_args
 from healthcheck.docker import DockerCLI
-from healthcheck.errors import InvalidInput
+from healthcheck.errors import HealthcheckError, InvalidInput
 from healthcheck.events import EventsWatcher
 from healthcheck.matching import NamePattern, validate_app_code
 from healthcheck.metrics import Metrics
-from healthcheck.probe import probe_app
+from healthcheck.probe import probe_app, probe_url
+from healthcheck.prober import Prober
+from healthcheck.render import Renderer, render_error
 from healthcheck.snapshot import Snapshotter
+from healthcheck.verdict_log import VerdictLog
 
 log = logging.getLogger("healthcheck")
 
@@ -26,22 +26,25 @@ EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNKNOWN = 0, 1, 2
 class Service(object):
     """Everything one running instance owns, started and stopped together."""
 
-    def __init__(self, args, metrics, refresh_s, max_stale_s, probe_ttl_s=0.0, probe_workers=0, events=False):
+    def __init__(self, args, metrics, refresh_s, max_stale_s, probe_ttl_s=2.0, probe_workers=1,
+                 events=False, safety_refresh_s=60.0, probe_wait_s=None):
         self.metrics = metrics
         self.docker = DockerCLI(args.docker_bin, args.docker_timeout, env=os.environ,
                                 observe=metrics.docker_call)
         self.snapshotter = Snapshotter(self.docker.list_containers, refresh_s, max_stale_s,
-                                       wait_s=args.docker_timeout + 0.5)
-        probe = _make_probe(args, metrics) if args.ngx_port else None
-        self.pool = ThreadPoolExecutor(max_workers=probe_workers) if probe_workers else None
-        self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), probe=probe,
-                               probe_cache=TTLCache(probe_ttl_s, wait_s=args.probe_timeout + 1),
-                               probe_pool=self.pool, observe=VerdictLog())
-        self.events = EventsWatcher(self.docker, self.snapshotter.invalidate, metrics) if events else None
-        metrics.set_sources(self.snapshotter.age_s, lambda: self.checker.all_answers()[2])
+                                       wait_s=args.docker_timeout + 0.5, safety_refresh_s=safety_refresh_s)
+        self.prober = _make_prober(args, metrics, probe_ttl_s, probe_workers) if args.ngx_port else None
+        self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), prober=self.prober,
+                               probe_wait_s=args.probe_timeout if probe_wait_s is None else probe_wait_s,
+                               observe=VerdictLog())
+        self.events = EventsWatcher(self.docker, self.snapshotter.invalidate, metrics,
+                                    on_up=self.snapshotter.set_events_up) if events else None
+        metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
 
     def start(self):
         self.snapshotter.start()
+        if self.prober is not None:
+            self.prober.start()
         if self.events is not None:
             self.events.start()
         return self
@@ -49,47 +52,22 @@ class Service(object):
     def stop(self):
         if self.events is not None:
             self.events.stop()
+        if self.prober is not None:
+            self.prober.stop()
         self.snapshotter.stop()
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
 
 
-def _make_probe(args, metrics):
+def _make_prober(args, metrics, ttl_s, workers):
     def probe(app):
-        result = probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
+        return probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
+
+    def observe(app, result, changed):
         metrics.probe_done(result)
-        if not result.ok:
+        if changed and not result.ok:
             log.warning("probe for %s: %s", app, result.describe())
-        return result
-    return probe
 
-
-class VerdictLog(object):
-    """Logs a verdict when it changes: a WARNING with the reason when an app turns (or is
-    first seen) unhealthy, INFO when it recovers. Balancers poll every few seconds; repeating
-    an unchanged verdict would bury the changes."""
-
-    _MAX_APPS = 10000
-
-    def __init__(self):
-        self._last = {}
-
-    def __call__(self, report):
-        previous = self._last.get(report.app)
-        # Docker's Status text ages every second; what matters is which containers are in
-        # which state and what the probe said.
-        probe = report.probe
-        current = (report.healthy, tuple((c.name, c.state, c.health) for c in report.containers),
-                   None if probe is None else (probe.ok, probe.status, probe.error))
-        if previous == current:
-            return
-        if len(self._last) >= self._MAX_APPS:
-            self._last.clear()
-        self._last[report.app] = current
-        if not report.healthy:
-            log.warning("app %s is not healthy: %s", report.app, report.reason)
-        elif previous is not None:
-            log.info("app %s is healthy again: %s", report.app, report.chosen.name)
+    return Prober(probe, ttl_s, workers, observe=observe,
+                  url_of=lambda app: probe_url(app, args.ngx_port, args.ngx_host))
 
 
 def serve(args):
@@ -104,7 +82,8 @@ def serve(args):
                     "run here; restrict it with --allow CIDR[,CIDR]", args.bind)
     metrics = Metrics()
     service = Service(args, metrics, args.refresh, args.max_stale, args.probe_ttl,
-                      args.probe_concurrency, events=not args.no_events).start()
+                      args.probe_concurrency, events=not args.no_events,
+                      safety_refresh_s=args.safety_refresh).start()
     access_log = logs.AccessLog().start()
     app = web.Instrumented(web.make_app(service.checker, metrics, args.prefix), metrics, args.allow, access_log)
     http = server.make_server(app, args.bind, args.port, threads=args.threads, backlog=args.backlog)
@@ -127,17 +106,23 @@ def check(args):
     try:
         validate_app_code(args.app_code)
     except InvalidInput as exc:
-        print(json.dumps({"code": exc.code, "status": "error", "message": str(exc)}))
+        sys.stdout.write(render_error(exc).body.decode("utf-8") + "\n")
         return EXIT_UNKNOWN
-    service = Service(args, Metrics(), refresh_s=0.0, max_stale_s=0.0).start()
+    # One probe, awaited until its own deadline: a command has no later request to wait for.
+    service = Service(args, Metrics(), refresh_s=0.0, max_stale_s=0.0,
+                      probe_wait_s=args.probe_timeout + 1.0).start()
+    report = None
     try:
-        answer = service.checker.answer(args.app_code, args.all)
+        report, stale_s = service.checker.check(args.app_code, args.all)
+        answer = Renderer().report(report, args.all, stale_s)
+    except HealthcheckError as exc:
+        answer = render_error(exc)
     finally:
         service.stop()
     sys.stdout.write(answer.body.decode("utf-8") + "\n")
-    if answer.report is None:
+    if report is None:
         return EXIT_UNKNOWN
-    return EXIT_HEALTHY if answer.report.healthy else EXIT_UNHEALTHY
+    return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
 
 
 def main(argv=None):

@@ -114,8 +114,12 @@ def build_parser():
     add("--max-stale", type=_non_negative_float, default=10.0,
         help="seconds the last container list may serve while docker does not answer (default 10)")
     add("--no-events", action="store_true", help="do not follow `docker events` (TTL only)")
-    add("--probe-ttl", type=_non_negative_float, default=2.0, help="seconds a probe result is reused (default 2)")
-    add("--probe-concurrency", type=_count, default=8, help="probes /apps runs at once (default 8)")
+    add("--safety-refresh", type=_non_negative_float, default=60.0,
+        help="max age in seconds of the container list while docker events are followed (default 60)")
+    add("--probe-ttl", type=_non_negative_float, default=2.0,
+        help="seconds between two probes of one app, start to start (default 2; at least 0.1)")
+    add("--probe-concurrency", type=_count, default=32,
+        help="probes running at once in the background (default 32)")
     add("--threads", type=_count, default=16, help="HTTP worker threads (default 16)")
     add("--backlog", type=_count, default=1024, help="listen backlog (default 1024)")
     _add_common(serve)

@@ -1,4 +1,8 @@
-"""Envelope codes and the one exception tree: raised only when a check could not be made."""
+"""Envelope codes and the one exception tree.
+
+Unhealthy is an answer, not an exception: exceptions mean a check could not be made
+(docker failed), the input was refused, or the configuration is unusable.
+"""
 
 CODE_OK = 0
 CODE_DOCKER_UNREACHABLE = 10
@@ -7,16 +11,17 @@ CODE_UNHEALTHY = 12
 CODE_INVALID_INPUT = 13
 CODE_NO_ROUTE = 14
 CODE_FORBIDDEN = 15
+CODE_INTERNAL = 16  # a bug in this service, answered 500: never "docker failed"
 
 
 class HealthcheckError(Exception):
     """Base of everything this package raises."""
 
-    code = CODE_DOCKER_FAILED
+    code = CODE_INTERNAL
 
 
 class ConfigError(HealthcheckError):
-    """A flag, env file or name pattern is unusable."""
+    """A flag, env file or name pattern is unusable (at start, never in an answer)."""
 
 
 class InvalidInput(HealthcheckError):

@@ -39,12 +39,15 @@ class EventsWatcher(object):
     """Keeps one `docker events` stream running, restarting it with backoff.
 
     on_change(): called for each invalidating event and whenever a stream (re)starts, since
-    events may have been missed while it was down.
+    events may have been missed while it was down. on_up(bool): the stream started or
+    ended, so the snapshot knows whether events or its TTL keep it fresh.
     """
 
-    def __init__(self, cli, on_change, metrics=None, backoff_s=(0.25, 5.0), clock=time.monotonic):
+    def __init__(self, cli, on_change, metrics=None, backoff_s=(0.25, 5.0), clock=time.monotonic,
+                 on_up=None):
         self._cli = cli
         self._on_change = on_change
+        self._on_up = on_up
         self._metrics = metrics
         self._backoff_min, self._backoff_max = backoff_s
         self._clock = clock
@@ -103,8 +106,8 @@ class EventsWatcher(object):
         try:
             if self._stop.is_set():
                 return
-            self._set_up(True)
             self._on_change()
+            self._set_up(True)
             said = None
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace")
@@ -123,5 +126,7 @@ class EventsWatcher(object):
         return "exit %s%s" % (proc.returncode, ": " + said if said else "")
 
     def _set_up(self, up):
+        if self._on_up is not None:
+            self._on_up(up)
         if self._metrics is not None:
             self._metrics.events_up(up)

@@ -29,6 +29,7 @@ class Metrics(object):
         self._http_children = {}
         self._snapshot_age = None
         self._app_reports = None
+        self._probe_ages = None
         r.register(_StateCollector(self))
 
     def docker_call(self, command, seconds, error):
@@ -57,10 +58,13 @@ class Metrics(object):
     def events_up(self, up):
         self._events_up.set(1 if up else 0)
 
-    def set_sources(self, snapshot_age, app_reports):
-        """snapshot_age(): seconds or None; app_reports(): reports for every app, at scrape time."""
+    def set_sources(self, snapshot_age, app_reports, probe_ages=None):
+        """Read at scrape time, and must have no side effects (no docker call, no probe, no
+        logging): snapshot_age() -> seconds or None; app_reports() -> reports known now;
+        probe_ages() -> {app: seconds since its last probe}."""
         self._snapshot_age = snapshot_age
         self._app_reports = app_reports
+        self._probe_ages = probe_ages
 
     def render(self):
         return generate_latest(self.registry)
@@ -88,3 +92,9 @@ class _StateCollector(object):
             for report in m._app_reports():
                 health.add_metric([report.app], 1 if report.healthy else 0)
         yield health
+        ages = GaugeMetricFamily("healthcheck_app_probe_age_seconds",
+                                 "seconds since the app's last probe finished", labels=["app"])
+        if m._probe_ages is not None:
+            for app, seconds in sorted(m._probe_ages().items()):
+                ages.add_metric([app], seconds)
+        yield ages

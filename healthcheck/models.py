@@ -55,12 +55,27 @@ class Container(collections.namedtuple("Container", _CONTAINER_FIELDS)):
         ])
 
 
+PROBE_PENDING = "first probe has not finished yet"
+
+
 class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error")):
     """What GET /o/<app>/ on the APPO Nginx said: an HTTP status, or an error in words."""
 
     __slots__ = ()
 
+    @classmethod
+    def pending(cls, url):
+        """Stands in while an app's first probe runs: not ok, since a balancer must not send
+        users to an app whose uwsgi may be dead."""
+        return cls(False, url, None, PROBE_PENDING)
+
+    @property
+    def is_pending(self):
+        return self.status is None and self.error == PROBE_PENDING
+
     def describe(self):
+        if self.is_pending:
+            return "GET %s: %s" % (self.url, self.error)
         if self.error:
             return "GET %s failed: %s" % (self.url, self.error)
         return "GET %s answered %d" % (self.url, self.status)

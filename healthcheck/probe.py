@@ -9,6 +9,10 @@ DEFAULT_BAD_STATUSES = (502, 503, 504)
 _MAX_STATUS_LINE = 8192
 
 
+def probe_url(app, port, host="127.0.0.1"):
+    return "http://%s:%d/o/%s/" % (host, port, app)
+
+
 def probe_app(app, port, timeout_s=2.0, bad_statuses=DEFAULT_BAD_STATUSES, host="127.0.0.1"):
     """Ask the APPO Nginx whether the app answers.
 
@@ -16,7 +20,7 @@ def probe_app(app, port, timeout_s=2.0, bad_statuses=DEFAULT_BAD_STATUSES, host=
     answer costs at most timeout_s. Refused, reset, timed out or a bad status is not ok.
     :rtype: ProbeResult
     """
-    url = "http://%s:%d/o/%s/" % (host, port, app)
+    url = probe_url(app, port, host)
     deadline = time.monotonic() + timeout_s
     try:
         status = _read_status(host, port, app, deadline)

@@ -26,9 +26,13 @@ class Snapshotter(object):
     """
 
     def __init__(self, fetch, refresh_s=2.0, max_stale_s=10.0, wait_s=6.0, retry_s=0.5,
-                 settle_s=0.3, clock=time.monotonic):
+                 settle_s=0.3, safety_refresh_s=60.0, clock=time.monotonic):
         self._fetch = fetch
         self.refresh_s = refresh_s
+        # While the events stream is up, events say when to look again; this slow refresh
+        # only guards against a stream that is up but silent (and ages Docker's Status text).
+        self.safety_refresh_s = max(safety_refresh_s, refresh_s)
+        self._events_up = False
         self.max_stale_s = max_stale_s
         self._wait_s = wait_s
         self._retry_s = retry_s
@@ -64,6 +68,19 @@ class Snapshotter(object):
             self._settle_at = self._invalidated_at + self._settle_s
             self._cond.notify_all()
 
+    def set_events_up(self, up):
+        """The events stream started (True) or ended (False): it decides the refresh period."""
+        with self._cond:
+            self._events_up = bool(up)
+            self._cond.notify_all()
+
+    def _period_s(self):
+        return self.safety_refresh_s if self._events_up and self.refresh_s > 0 else self.refresh_s
+
+    def peek(self):
+        """The latest snapshot or None, without asking docker (for side-effect-free views)."""
+        return self._current
+
     def age_s(self):
         current = self._current
         return None if current is None else max(self._clock() - current.started_at, 0.0)
@@ -74,7 +91,8 @@ class Snapshotter(object):
         :raises DockerError: docker failed and no snapshot younger than max_stale_s exists.
         """
         now = self._clock()
-        need = now if self.refresh_s <= 0 else max(now - self.refresh_s, self._invalidated_at)
+        period_s = self._period_s()
+        need = now if period_s <= 0 else max(now - period_s, self._invalidated_at)
         current = self._current
         if current is not None and current.started_at >= need:
             return current, None
@@ -117,7 +135,7 @@ class Snapshotter(object):
             due = self._settle_at
         elif self.refresh_s > 0:
             # Refresh ahead, so requests find a fresh snapshot instead of waiting for one.
-            due = current.started_at + self.refresh_s * 0.75
+            due = current.started_at + self._period_s() * 0.75
         else:
             return float("inf")
         if self._error is not None:

@@ -31,6 +31,9 @@ def decide(app, matches, include_all=False, probe=None):
     chosen = pick_serving(ordered)
     if chosen is None:
         return HealthReport(app, False, _why_nothing_serves(app, ordered), None, listed, None)
+    if probe is not None and probe.is_pending:
+        reason = "container %s is running; %s" % (chosen.name, probe.describe())
+        return HealthReport(app, False, reason, chosen, listed, probe)
     if probe is not None and not probe.ok:
         reason = "container %s is running but the app does not answer: %s" % (chosen.name, probe.describe())
         return HealthReport(app, False, reason, chosen, listed, probe)

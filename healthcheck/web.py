@@ -7,18 +7,16 @@ import time
 
 import bottle
 
-from healthcheck import __version__, errors
-from healthcheck.checker import encode, error_answer
+from healthcheck import __version__, errors, render
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from healthcheck.models import error_envelope, ok_envelope
 
-JSON = "application/json"
 log = logging.getLogger(__name__)
 
-_HEALTH_BODY = encode(ok_envelope("i'm healthy"))
+_HEALTH_BODY = render.encode(ok_envelope("i'm healthy"))
 _TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
+_FALSE = ("false", "0", "no", "")
 
 
 def load_openapi(prefix):
@@ -29,59 +27,62 @@ def load_openapi(prefix):
     return document
 
 
-def make_app(checker, metrics, prefix="/container-healthcheck"):
-    """The Bottle app: routes under prefix, JSON envelopes for every answer and error."""
+def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None):
+    """The Bottle app: routes under prefix, each mapped to the checker and the render layer."""
     app = bottle.Bottle(catchall=True, autojson=False)
-    openapi_body = encode(load_openapi(prefix))
+    renderer = renderer or render.Renderer()
+    openapi_body = render.encode(load_openapi(prefix))
 
-    def send(status, body, content_type=JSON):
-        bottle.response.status = status
-        bottle.response.content_type = content_type
+    def send(answer):
+        bottle.response.status = answer.status
+        bottle.response.content_type = answer.content_type
         bottle.response.set_header("Cache-Control", "no-store")
-        return body
+        return answer.body
 
     def route(path, flags=()):
-        """GET (and HEAD) route whose handler gets the parsed query flags; bad input is a 400
-        envelope before the handler runs."""
+        """GET (and HEAD) route, with or without a trailing slash (health checkers do not
+        follow redirects); bad input is a 400 envelope before the handler runs, a docker
+        failure a 503 envelope after."""
         def register(handler):
             def guarded(**kwargs):
                 try:
                     parsed = query_flags(flags)
                     if "app_code" in kwargs:
                         validate_app_code(kwargs["app_code"])
-                except errors.InvalidInput as exc:
-                    answer = error_answer(exc)
-                    return send(answer.status, answer.body)
-                return handler(parsed, **kwargs)
+                    return send(handler(parsed, **kwargs))
+                except errors.HealthcheckError as exc:
+                    return send(render.render_error(exc))
             app.get(prefix + path, name=handler.__name__)(guarded)
+            app.get(prefix + path + "/")(guarded)
             return handler
         return register
 
     @route("/health")
     def health(_flags):
-        return send(200, _HEALTH_BODY)
+        return render.Rendered(200, render.JSON_TYPE, _HEALTH_BODY)
 
     @route("/apps/health/<app_code>", flags=("all",))
     def app_health(flags, app_code):
-        answer = checker.answer(app_code, flags.get("all", False))
-        return send(answer.status, answer.body)
+        include_all = flags.get("all", False)
+        report, stale_s = checker.check(app_code, include_all)
+        return renderer.report(report, include_all, stale_s)
 
     @route("/apps", flags=("all",))
     def apps(flags):
-        status, envelope, _ = checker.all_answers(flags.get("all", False))
-        return send(status, encode(envelope))
+        include_all = flags.get("all", False)
+        return renderer.apps(checker.check_all(include_all), include_all)
 
     @route("/metrics")
     def prometheus(_flags):
-        return send(200, metrics.render(), METRICS_CONTENT_TYPE)
+        return render.Rendered(200, METRICS_CONTENT_TYPE, metrics.render())
 
     @route("/openapi.json")
     def openapi(_flags):
-        return send(200, openapi_body)
+        return render.Rendered(200, render.JSON_TYPE, openapi_body)
 
     def error_page(code, status):
         def handler(error):
-            bottle.response.content_type = JSON
+            bottle.response.content_type = render.JSON_TYPE
             bottle.response.set_header("Cache-Control", "no-store")
             if status == 500:
                 log.error("internal error on %s: %s", bottle.request.path, error.traceback or error.body)
@@ -93,29 +94,28 @@ def make_app(checker, metrics, prefix="/container-healthcheck"):
                     _printable(bottle.request.method), bottle.response.get_header("Allow", "GET, HEAD"))
             else:
                 message = "no such route: %s" % _printable(bottle.request.path)[:200]
-            return encode(error_envelope(code, message))
+            return render.encode(error_envelope(code, message))
         return handler
 
     app.error(400)(error_page(errors.CODE_INVALID_INPUT, 400))
     app.error(404)(error_page(errors.CODE_NO_ROUTE, 404))
     app.error(405)(error_page(errors.CODE_NO_ROUTE, 405))
-    app.error(500)(error_page(errors.CODE_DOCKER_FAILED, 500))
+    app.error(500)(error_page(errors.CODE_INTERNAL, 500))
     return app
 
 
 def query_flags(allowed):
-    """Parse the query string: only `allowed` boolean flags, each at most once.
-    :raises InvalidInput: unknown parameter, repeated parameter, or a value not true/false."""
+    """The boolean flags in `allowed` from the query string. Like the Go tool, other
+    parameters (cache-busters such as `?_=<ts>`) are ignored and a repeated flag takes its
+    first value; an empty value is false.
+    :raises InvalidInput: a flag's value is not one of true/1/yes/false/0/no/empty."""
     if not bottle.request.environ.get("QUERY_STRING"):
         return {}
     flags = {}
     for name, value in bottle.request.query.allitems():
-        if name not in allowed:
-            raise errors.InvalidInput("unknown query parameter %s (allowed: %s)"
-                                      % (_printable(name)[:64], ", ".join(allowed) or "none"))
-        if name in flags:
-            raise errors.InvalidInput("query parameter %s given more than once" % name)
-        lowered = value.lower()
+        if name not in allowed or name in flags:
+            continue
+        lowered = value.strip().lower()
         if lowered in _TRUE:
             flags[name] = True
         elif lowered in _FALSE:
@@ -129,6 +129,21 @@ def _printable(text):
     if text.isprintable():
         return text
     return text.encode("unicode_escape").decode("ascii")
+
+
+def _utf8_path(wsgi_path):
+    try:
+        wsgi_path.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
+def _refuse(environ, start_response, status, code, message):
+    body = render.encode(error_envelope(code, message))
+    start_response(status, [("Content-Type", render.JSON_TYPE), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 
 class Instrumented(object):
@@ -150,9 +165,12 @@ class Instrumented(object):
             return start_response(status, headers, exc_info)
 
         if self._allow is not None and not self._allowed(environ.get("REMOTE_ADDR", "")):
-            body = encode(error_envelope(errors.CODE_FORBIDDEN, "client address not allowed"))
-            recording_start_response("403 Forbidden", [("Content-Type", JSON), ("Content-Length", str(len(body)))])
-            result = [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+            result = _refuse(environ, recording_start_response, "403 Forbidden", errors.CODE_FORBIDDEN,
+                             "client address not allowed")
+        elif not _utf8_path(environ.get("PATH_INFO", "")):
+            # Bottle would drop the undecodable bytes and route what is left.
+            result = _refuse(environ, recording_start_response, "400 Bad Request", errors.CODE_INVALID_INPUT,
+                             "bad request: the path is not UTF-8")
         else:
             result = self._app(environ, recording_start_response)
         status = int(seen[0][:3]) if seen else 500

@@ -2,9 +2,9 @@ import logging
 
 import pytest
 
-from healthcheck.cli import VerdictLog
 from healthcheck.config import parse_args
-from healthcheck.models import Container, HealthReport
+from healthcheck.models import Container, HealthReport, ProbeResult
+from healthcheck.verdict_log import VerdictLog
 
 
 def test_go_tool_opts_line_parses_as_serve():

@@ -38,7 +38,7 @@ def test_envelope_codes_are_documented():
     codes = set(document["components"]["schemas"]["Error"]["properties"]["code"]["enum"])
     from healthcheck import errors
     assert codes == {errors.CODE_DOCKER_UNREACHABLE, errors.CODE_DOCKER_FAILED, errors.CODE_INVALID_INPUT,
-                     errors.CODE_NO_ROUTE, errors.CODE_FORBIDDEN}
+                     errors.CODE_NO_ROUTE, errors.CODE_FORBIDDEN, errors.CODE_INTERNAL}
 
 
 def test_schemathesis_against_the_live_service(docker_engine, docker, tmp_path):

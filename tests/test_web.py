@@ -7,13 +7,13 @@ import wsgiref.validate
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from healthcheck.cache import TTLCache
 from healthcheck.checker import Checker
 from healthcheck.errors import DockerUnreachable
 from healthcheck.matching import NamePattern
 from healthcheck.metrics import Metrics
 from healthcheck.models import ProbeResult
 from healthcheck.parsing import parse_ps_output
+from healthcheck.prober import Prober
 from healthcheck.snapshot import Snapshotter
 from healthcheck.web import Instrumented, make_app
 
@@ -34,8 +34,9 @@ class Harness(object):
             return parse_ps_output(PS)
         self.snapshotter = Snapshotter(fetch or default_fetch, refresh_s=60, max_stale_s=0).start()
         self.metrics = Metrics()
-        self.checker = Checker(self.snapshotter, NamePattern(), probe=probe, probe_cache=TTLCache(60))
-        self.metrics.set_sources(self.snapshotter.age_s, lambda: self.checker.all_answers()[2])
+        self.prober = Prober(probe, ttl_s=60, workers=4).start() if probe is not None else None
+        self.checker = Checker(self.snapshotter, NamePattern(), prober=self.prober, probe_wait_s=2.0)
+        self.metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
         self.app = wsgiref.validate.validator(
             Instrumented(make_app(self.checker, self.metrics, prefix), self.metrics, allow))
         self.prefix = prefix
@@ -60,11 +61,13 @@ class Harness(object):
 
     def json(self, path, **kwargs):
         status, headers, body = self.call(path, **kwargs)
-        assert headers["Content-Type"].startswith("application/json")
+        assert headers["Content-Type"] == "application/json; charset=utf-8"
         return status, json.loads(body.decode("utf-8"))
 
     def close(self):
         self.snapshotter.stop()
+        if self.prober is not None:
+            self.prober.stop()
 
 
 @pytest.fixture
@@ -117,21 +120,38 @@ def test_invalid_app_code_is_400_without_docker(harness, app):
     assert h.fetch_calls == calls
 
 
-@pytest.mark.parametrize("query", ["x=1", "all=maybe", "all=true&all=false", "all=true&debug=1"])
-def test_bad_query_is_400(harness, query):
+@pytest.mark.parametrize("query", ["all=maybe", "all=2", "all=truex"])
+def test_bad_all_value_is_400(harness, query):
     status, body = harness().json("/apps/health/good", query=query)
-    assert status == 400 and body["code"] == 13
+    assert status == 400 and body["code"] == 13 and "all" in body["message"]
 
 
-@pytest.mark.parametrize("query", ["all=true", "all=false", "all=1", "all=0", "all=TRUE"])
-def test_good_query(harness, query):
-    assert harness().json("/apps/health/good", query=query)[0] == 200
+@pytest.mark.parametrize("query,listed", [
+    ("all=true", True), ("all=TRUE", True), ("all=1", True), ("all=yes", True), ("all=Yes", True),
+    ("all=false", False), ("all=0", False), ("all=no", False), ("all=", False), ("all", False),
+    ("_=1709878117", False), ("x=1", False), ("all=true&debug=1", True), ("all=true&all=false", True),
+])
+def test_query_like_the_go_tool(harness, query, listed):
+    """Unknown parameters (cache-busters) are ignored, an empty `all` is false, a repeated
+    flag takes its first value."""
+    status, body = harness().json("/apps/health/gone", query=query)
+    assert status == 503 and body["code"] == 12
+    assert [c["names"] for c in body["containers"]] == (["gone-1700000000"] if listed else [])
+
+
+@pytest.mark.parametrize("path", ["/health", "/apps", "/apps/health/good", "/metrics", "/openapi.json"])
+def test_trailing_slash_is_served_like_the_route(harness, path):
+    h = harness()
+    plain = h.call(path)
+    slashed = h.call(path + "/")
+    assert slashed[0] == plain[0] == 200
+    assert slashed[1]["Content-Type"] == plain[1]["Content-Type"]
 
 
 def test_path_that_is_not_utf8_is_400_json(harness):
     status, headers, body = harness().call(None, wsgi_path="/container-healthcheck/apps/health/\xff")
-    assert status in (400, 404) and headers["Content-Type"].startswith("application/json")
-    assert json.loads(body.decode("utf-8"))["code"] in (13, 14)
+    assert status == 400 and headers["Content-Type"] == "application/json; charset=utf-8"
+    assert json.loads(body.decode("utf-8"))["code"] == 13
 
 
 def test_unknown_route_and_method(harness):
@@ -192,12 +212,12 @@ def test_apps_is_stable(harness):
     assert first == second
 
 
-def test_answer_bytes_are_built_once_per_snapshot(harness):
+def test_reports_are_built_once_per_snapshot(harness):
     h = harness()
-    first = h.checker.answer("good")
-    assert h.checker.answer("good") is first
+    first, _ = h.checker.check("good")
+    assert h.checker.check("good")[0] is first
     h.snapshotter.invalidate()
-    assert h.checker.answer("good") is not first
+    assert h.checker.check("good")[0] is not first
 
 
 def test_metrics_parse_and_count(harness):
@@ -232,7 +252,7 @@ def test_allow_list(harness):
     assert h.json("/health", remote="10.1.2.3")[0] == 200
 
 
-def test_probe_results_are_cached_and_shared_by_apps(harness):
+def test_probe_results_are_shared_by_apps_and_the_per_app_route(harness):
     calls = []
 
     def probe(app):
@@ -241,26 +261,54 @@ def test_probe_results_are_cached_and_shared_by_apps(harness):
     h = harness(probe=probe)
     for _ in range(20):
         assert h.json("/apps/health/good")[0] == 200
-    h.json("/apps")
-    h.json("/apps")
+    first = h.json("/apps")[1]["message"]["apps"]
+    # /apps never waits: probed's first probe is still running, so it is not healthy yet
+    assert "first probe has not finished" in first["probed"]["message"]
+    h.prober.wait_for("probed", "d" * 64, 5)
+    for _ in range(5):
+        assert h.json("/apps")[1]["message"]["healthy"] == ["good", "probed"]
     # one probe per serving app per TTL, whoever asks: good and probed serve, the rest do not
     assert sorted(calls) == ["good", "probed"]
 
 
-def test_probe_results_single_flight(harness):
+def test_a_probe_that_raises_is_503_for_every_waiter(harness):
     import threading
-    import time as _time
-    calls = []
 
-    def slow_probe(app):
-        calls.append(app)
-        _time.sleep(0.3)
-        return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
-    h = harness(probe=slow_probe)
+    def probe(app):
+        raise RuntimeError("boom")
+    h = harness(probe=probe)
     h.snapshotter.get()
-    threads = [threading.Thread(target=h.checker.answer, args=("good",)) for _ in range(10)]
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(h.json("/apps/health/good"))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(answers) == 8
+    for status, body in answers:
+        assert status == 503 and body["code"] == 12
+        assert "probe crashed: RuntimeError: boom" in body["message"] and body["probe"]["ok"] is False
+    status, body = h.json("/apps")
+    assert body["message"]["apps"]["good"]["code"] == 12 and "good" not in body["message"]["healthy"]
+
+
+def test_metrics_has_no_side_effects(harness):
+    calls = []
+
+    def probe(app):
+        calls.append(app)
+        return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
+    h = harness(probe=probe)
+    h.snapshotter.get()
+    fetches = h.fetch_calls
+    for _ in range(5):
+        assert h.call("/metrics")[0] == 200
+    assert calls == [] and h.fetch_calls == fetches
+    h.json("/apps/health/good")
+    families = {f.name: f for f in text_string_to_metric_families(h.call("/metrics")[2].decode("utf-8"))}
+    ages = {s.labels["app"]: s.value for s in families["healthcheck_app_probe_age_seconds"].samples}
+    assert list(ages) == ["good"] and 0 <= ages["good"] < 5
+    health = {s.labels["app"]: s.value for s in families["healthcheck_app_healthy"].samples}
+    # probed has no probe result yet: its verdict is unknown, so it is left out
+    assert health == {"good": 1, "paused": 0, "gone": 0}
     assert calls == ["good"]
