@@ -115,7 +115,7 @@ def query_flags(allowed):
     for name, value in bottle.request.query.allitems():
         if name not in allowed or name in flags:
             continue
-        lowered = value.strip().lower()
+        lowered = value.lower()
         if lowered in _TRUE:
             flags[name] = True
         elif lowered in _FALSE:
