@@ -38,7 +38,7 @@ class StubNginx(object):
         try:
             conn.settimeout(10)
             request = b""
-            while b"\\r\\n\\r\\n" not in request:
+            while b"\r\n\r\n" not in request:
                 chunk = conn.recv(4096)
                 if not chunk:
                     return
@@ -49,7 +49,7 @@ class StubNginx(object):
             if app in self.hang:
                 self._held.append(conn)
                 return
-            conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\nConnection: close\\r\\n\\r\\nok")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
             conn.close()
         except OSError:
             conn.close()
