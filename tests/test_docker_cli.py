@@ -1,22 +1,36 @@
 """The docker CLI boundary: timeouts kill the whole process group, output faults are named."""
 import os
 import subprocess
+import threading
 import time
 
 import pytest
 
 from healthcheck import errors
 from healthcheck.docker import PS_ARGS, DockerCLI
-from support import FAKE_DOCKER
+from support import FAKE_DOCKER, child_pids
 
 
 def fake(mode, timeout_s=5.0, **env):
     return DockerCLI(FAKE_DOCKER, timeout_s, env=dict(os.environ, FAKE_DOCKER_MODE=mode, **env))
 
 
-def _children_of_nobody_named(pattern):
-    out = subprocess.run(["pgrep", "-f", pattern], stdout=subprocess.PIPE, universal_newlines=True).stdout
+def _processes_running(argv_text):
+    out = subprocess.run(["pgrep", "-f", argv_text], stdout=subprocess.PIPE, universal_newlines=True).stdout
     return [int(pid) for pid in out.split()]
+
+
+def _zombie_children():
+    """Our own children that exited and were never reaped."""
+    zombies = set()
+    for pid in child_pids(os.getpid()):
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    zombies.add(pid)
+        except OSError:
+            pass
+    return zombies
 
 
 def test_ok_output_parses():
@@ -33,20 +47,25 @@ def test_argv_is_fixed_and_uses_a_per_field_template():
 
 @pytest.mark.parametrize("mode", ["hang", "hang-with-child"])
 def test_hang_is_killed_with_its_process_group_and_reaped(mode, tmp_path):
-    marker = "sleep 3600"
-    before = set(_children_of_nobody_named(marker))
-    cli = fake(mode, timeout_s=0.5)
+    # A sleep length no other process uses: the check sees only what this test started.
+    seconds = "3%03d.%06d" % (os.getpid() % 1000, int(time.time() * 1e6) % 1000000)
+    marker = "sleep " + seconds
+    zombies_before = _zombie_children()
+    cli = fake(mode, timeout_s=0.5, FAKE_DOCKER_SLEEP=seconds)
+    seen_hanging = []
+    watcher = threading.Timer(0.25, lambda: seen_hanging.extend(_processes_running(marker)))
+    watcher.start()
     started = time.monotonic()
     with pytest.raises(errors.DockerTimeout) as info:
         cli.list_containers()
+    watcher.join()
+    assert seen_hanging, "the hanging child was never seen: the check below would prove nothing"
     assert time.monotonic() - started < 1.5
     assert info.value.code == errors.CODE_DOCKER_FAILED
     time.sleep(0.2)
-    leftover = set(_children_of_nobody_named(marker)) - before
-    assert leftover == set(), "orphans left behind: %s" % leftover
-    # no zombie children of ours
-    with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)
+    leftover = _processes_running(marker)
+    assert leftover == [], "orphans left behind: %s" % leftover
+    assert _zombie_children() - zombies_before == set()
 
 
 @pytest.mark.parametrize("mode,error", [

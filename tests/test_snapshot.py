@@ -1,4 +1,6 @@
-"""Single-flight, TTL, invalidation and staleness of the shared container list."""
+"""Single-flight, TTL, invalidation and staleness of the shared container list.
+
+Where time is the subject, a fake clock moves it; the fetcher thread still runs for real."""
 import threading
 import time
 
@@ -25,6 +27,23 @@ class Fetch(object):
         if self.error is not None:
             raise self.error
         return ["list %d" % n]
+
+
+class FakeClock(object):
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def until(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
 
 
 @pytest.fixture
@@ -71,39 +90,56 @@ def test_refresh_zero_asks_docker_again_but_coalesces(make):
 
 
 def test_ttl_reuses_then_refreshes(make):
-    fetch = Fetch()
-    snapshotter = make(fetch, refresh_s=0.4)
+    fetch, clock = Fetch(), FakeClock()
+    snapshotter = make(fetch, refresh_s=2, clock=clock)
     first, _ = snapshotter.get()
+    clock.now += 1.9
     assert snapshotter.get()[0] is first
-    time.sleep(0.5)
+    clock.now += 0.2
     assert snapshotter.get()[0].generation > first.generation
 
 
-def test_invalidate_forces_a_newer_list(make):
-    fetch = Fetch()
-    snapshotter = make(fetch, refresh_s=60)
+def test_events_up_means_a_slow_safety_refresh_instead_of_the_ttl(make):
+    fetch, clock = Fetch(), FakeClock()
+    snapshotter = make(fetch, refresh_s=2, safety_refresh_s=60, clock=clock)
+    snapshotter.set_events_up(True)
     first, _ = snapshotter.get()
-    snapshotter.invalidate()
+    calls = fetch.calls
+    clock.now += 30
+    time.sleep(0.1)  # the fetcher looks at the clock again: nothing is due
+    assert snapshotter.get()[0] is first and fetch.calls == calls
+    snapshotter.invalidate()  # an event: the next answer comes from a newer list
     second, _ = snapshotter.get()
     assert second.generation > first.generation
-    assert second.started_at >= first.finished_at
+    clock.now += 61
+    assert snapshotter.get()[0].generation > second.generation
+    snapshotter.set_events_up(False)  # the stream ended: the TTL keeps answers fresh again
+    third, _ = snapshotter.get()
+    clock.now += 2.1
+    assert snapshotter.get()[0].generation > third.generation
 
 
 def test_failure_serves_stale_then_raises(make):
-    fetch = Fetch()
-    snapshotter = make(fetch, refresh_s=0.1, max_stale_s=0.8, retry_s=0.05)
+    fetch, clock = Fetch(), FakeClock()
+    snapshotter = make(fetch, refresh_s=0.1, max_stale_s=0.8, retry_s=0.05, clock=clock)
     good, _ = snapshotter.get()
     fetch.error = DockerUnreachable("daemon down")
-    time.sleep(0.3)
+    clock.now += 0.3
     snap, stale = snapshotter.get()
-    assert snap is good and stale is not None and 0.1 < stale <= 0.8
-    time.sleep(0.8)
+    assert snap is good and stale == pytest.approx(0.3)
+    clock.now += 0.8
     with pytest.raises(DockerUnreachable):
         snapshotter.get()
     fetch.error = None
-    time.sleep(0.3)
-    snap, stale = snapshotter.get()
-    assert stale is None and snap.generation > good.generation
+    clock.now += 0.1
+
+    def fresh_again():
+        try:
+            return snapshotter.get()[1] is None
+        except DockerUnreachable:
+            return False
+    assert until(fresh_again)
+    assert snapshotter.get()[0].generation > good.generation
 
 
 def test_hanging_docker_bounds_the_wait(make):
