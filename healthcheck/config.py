@@ -5,8 +5,11 @@ import re
 
 from healthcheck import __version__
 from healthcheck.errors import ConfigError
-from healthcheck.matching import DEFAULT_NAME_PATTERN, NamePattern
-from healthcheck.probe import DEFAULT_BAD_STATUSES
+
+# BlueKing names containers <app_code>-<unix time> (Python SaaS) or <app_code><unix time> (Java).
+DEFAULT_NAME_PATTERN = "{app}-?[0-9]{10}"
+# What the APPO Nginx answers when the app behind it is down.
+DEFAULT_BAD_STATUSES = (502, 503, 504)
 
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9_.~-]+)*")
 
@@ -67,12 +70,22 @@ def _networks(text):
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def check_name_template(template):
+    """:raises ConfigError: template lacks exactly one {app} or is not a valid regex."""
+    if template.count("{app}") != 1:
+        raise ConfigError("--name-pattern must contain {app} exactly once: %r" % template)
+    try:
+        re.compile(template.replace("{app}", "x"))
+    except re.error as exc:
+        raise ConfigError("--name-pattern %r is not a valid regex: %s" % (template, exc))
+    return template
+
+
 def _name_pattern(text):
     try:
-        NamePattern(text)
+        return check_name_template(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc))
-    return text
 
 
 def _add_common(parser):

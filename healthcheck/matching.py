@@ -2,10 +2,10 @@
 import re
 import threading
 
+from healthcheck.config import DEFAULT_NAME_PATTERN, check_name_template
 from healthcheck.errors import ConfigError, InvalidInput
 
 APP_CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-DEFAULT_NAME_PATTERN = "{app}-?[0-9]{10}"
 # How /apps recovers app codes from names: {app} as a lazy group of app-code characters.
 _APP_GROUP = "(?P<app>[A-Za-z0-9][A-Za-z0-9_.-]*?)"
 _TRAILING_DIGITS_RE = re.compile(r"([0-9]+)$")
@@ -29,12 +29,9 @@ class NamePattern(object):
     """A regex template, matched in full, where `{app}` stands for the escaped app code."""
 
     def __init__(self, template=DEFAULT_NAME_PATTERN):
-        if template.count("{app}") != 1:
-            raise ConfigError("--name-pattern must contain {app} exactly once: %r" % template)
-        self.template = template
+        self.template = check_name_template(template)
         try:
             self._recover = re.compile(template.replace("{app}", _APP_GROUP))
-            re.compile(template.replace("{app}", "x"))
         except re.error as exc:
             raise ConfigError("--name-pattern %r is not a valid regex: %s" % (template, exc))
         self._per_app = {}

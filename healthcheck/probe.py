@@ -3,9 +3,9 @@ import socket
 import time
 
 from healthcheck import __version__
+from healthcheck.config import DEFAULT_BAD_STATUSES
 from healthcheck.models import ProbeResult
 
-DEFAULT_BAD_STATUSES = (502, 503, 504)
 _MAX_STATUS_LINE = 8192
 
 

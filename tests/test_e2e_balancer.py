@@ -173,7 +173,7 @@ http {
     }
     init_worker_by_lua_block { require("container_healthcheck").init_worker() }
     upstream appo_by_health {
-        server 0.0.0.1;
+        server 127.0.0.1:1;  # placeholder: loopback only, never a routable address
         balancer_by_lua_block { require("container_healthcheck").balance(ngx.var.app_code) }
     }
     server {
@@ -207,6 +207,26 @@ http {
             appo.docker("rm", "-f", NAME, check=False)
 
 
+@pytest.fixture
+def healthy(cluster):
+    """Each test starts from the same state, so any one can run alone (`-k`) or in any order:
+    both app containers running and healthy, both health services up, traffic on both."""
+    for appo in cluster["appos"]:
+        state = appo.docker("inspect", "-f", "{{.State.Status}}", NAME, check=False)
+        if not state:
+            appo.start_app()
+        elif state == "paused":
+            appo.docker("unpause", NAME)
+        elif state != "running":
+            appo.docker("start", NAME)
+        appo.docker("exec", NAME, "rm", "-f", "/tmp/sick", check=False)
+        if appo.service is None:
+            appo.start_service()
+    assert wait_for(lambda: served_by(observe(cluster, 1.5)) == {"appo2", "appo3"}, 40), \
+        "the cluster did not come back to both APPOs serving"
+    return cluster
+
+
 def observe(cluster, seconds):
     start = time.monotonic()
     time.sleep(seconds)
@@ -221,7 +241,8 @@ def failures(records):
     return [r for r in records if r[1] != 200]
 
 
-def test_1_both_appos_share_traffic(cluster):
+def test_1_both_appos_share_traffic(healthy):
+    cluster = healthy
     records = observe(cluster, 3)
     assert len(records) > 30
     assert not failures(records), failures(records)[:5]
@@ -229,7 +250,8 @@ def test_1_both_appos_share_traffic(cluster):
     assert min(counts.values()) >= len(records) * 0.3, counts
 
 
-def test_2_dead_container_is_routed_around(cluster):
+def test_2_dead_container_is_routed_around(healthy):
+    cluster = healthy
     appo2 = cluster["appos"][0]
     killed = time.monotonic()
     appo2.docker("kill", NAME)
@@ -240,8 +262,12 @@ def test_2_dead_container_is_routed_around(cluster):
     assert served_by(after) == {"appo3"}
 
 
-def test_3_restarted_container_gets_traffic_back(cluster):
+def test_3_restarted_container_gets_traffic_back(healthy):
+    cluster = healthy
     appo2 = cluster["appos"][0]
+    appo2.docker("kill", NAME)
+    killed = time.monotonic()
+    assert wait_for(lambda: served_by(cluster["traffic"].since(killed + WINDOW)) == {"appo3"}, WINDOW + 8)
     appo2.docker("start", NAME)
     started = time.monotonic()
     back = wait_for(lambda: any(r[2] == "appo2" for r in cluster["traffic"].since(started)), INTERVAL * RISE + 8)
@@ -250,7 +276,8 @@ def test_3_restarted_container_gets_traffic_back(cluster):
     assert served_by(records) == {"appo2", "appo3"} and not failures(records)
 
 
-def test_4_health_service_down_means_appo_down_and_all_down_fails_open(cluster):
+def test_4_health_service_down_means_appo_down_and_all_down_fails_open(healthy):
+    cluster = healthy
     appo2, appo3 = cluster["appos"]
     appo2.stop_service()
     stopped = time.monotonic()
@@ -267,12 +294,10 @@ def test_4_health_service_down_means_appo_down_and_all_down_fails_open(cluster):
     status = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
         "http://127.0.0.1:%d/container-healthcheck-status" % cluster["entry_port"], timeout=5).read().decode()
     assert '"fresh":false' in status
-    appo2.start_service()
-    appo3.start_service()
-    time.sleep(INTERVAL * RISE + 2)
 
 
-def test_5_paused_and_unhealthy_are_routed_around(cluster):
+def test_5_paused_and_unhealthy_are_routed_around(healthy):
+    cluster = healthy
     appo2, appo3 = cluster["appos"]
     appo3.docker("pause", NAME)
     paused = time.monotonic()
@@ -288,7 +313,6 @@ def test_5_paused_and_unhealthy_are_routed_around(cluster):
     time.sleep(WINDOW + 3)
     after = cluster["traffic"].since(sick + WINDOW + 2)
     assert served_by(after) == {"appo2"} and not failures(after)
-    appo3.docker("exec", NAME, "rm", "-f", "/tmp/sick")
 
 
 def _haproxy_stat(sock_path):
@@ -310,7 +334,8 @@ def _haproxy_stat(sock_path):
     return status
 
 
-def test_6_haproxy_httpchk_marks_the_server_down(cluster):
+def test_6_haproxy_httpchk_marks_the_server_down(healthy):
+    cluster = healthy
     _need("haproxy")
     appo2, appo3 = cluster["appos"]
     workdir = cluster["workdir"]
