@@ -95,8 +95,9 @@ def _add_common(parser):
         help="APPO Nginx port probed at /o/<app>/ (0 = no probe; default 8010)")
     add("--ngx-host", default="127.0.0.1",
         help="address of the APPO Nginx for the probe (default 127.0.0.1)")
-    add("--level", "-level", default="info", choices=["debug", "info", "warn", "warning", "error"],
-        help="log level (default info)")
+    add("--level", "-level", default="info", type=str.lower,
+        choices=["trace", "debug", "info", "warn", "warning", "error", "fatal", "panic"],
+        help="log level, any of logrus' (default info)")
     add("--logpath", "-logpath", default="", help="directory for container-healthcheck.log (default: stderr)")
     add("--docker-bin", default="docker", help="docker CLI binary (default: docker on PATH)")
     add("--docker-timeout", type=_positive_float, default=5.0, help="seconds per docker CLI call (default 5)")
@@ -111,7 +112,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="container-healthcheck", allow_abbrev=False,
         description="Tells a load balancer whether an app's Docker container on this host is healthy.")
-    parser.add_argument("--version", action="version", version="container-healthcheck " + __version__)
+    parser.add_argument("--version", "-version", action="version", version="container-healthcheck " + __version__)
     commands = parser.add_subparsers(dest="command")
 
     serve = commands.add_parser("serve", allow_abbrev=False, help="run the HTTP service")
@@ -148,6 +149,6 @@ def build_parser():
 def parse_args(argv):
     """Parse argv. With no subcommand, or the Go tool's bare flags, `serve` is meant."""
     argv = list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version", "-version")):
         argv.insert(0, "serve")
     return build_parser().parse_args(argv)

@@ -1,15 +1,51 @@
-"""Logging set-up: stderr (journald) or files under --logpath, appended, reopened on SIGHUP."""
+"""Logging set-up: logfmt lines like logrus' text format, to stderr (journald) or a file
+under --logpath, appended, reopened on SIGHUP."""
 import collections
+import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 
 LOG_FILE_NAME = "container-healthcheck.log"
-_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-          "warning": logging.WARNING, "error": logging.ERROR}
+# Every level the Go tool (logrus) accepted, so an operator's OPTS keep working.
+LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+          "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
+          "panic": logging.CRITICAL}
+# logrus' names for what Python calls the levels.
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+                logging.ERROR: "error", logging.CRITICAL: "fatal"}
+_BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@^+-]+\Z")
+
+
+def logfmt_value(value):
+    """A value as logrus writes it: bare when safe, else double-quoted with escapes."""
+    text = str(value)
+    if _BARE_VALUE.match(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def logfmt_time(seconds):
+    """RFC 3339 local time with the offset, as logrus prints `time=`."""
+    local = time.localtime(seconds)
+    offset = time.strftime("%z", local)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", local) + offset[:3] + ":" + offset[3:]
+
+
+class LogfmtFormatter(logging.Formatter):
+    """`time="..." level=info msg="..." logger=...`: one event per line, whatever the message
+    holds (newlines in messages and tracebacks are escaped, never split)."""
+
+    def format(self, record):
+        message = record.getMessage()
+        if record.exc_info:
+            message = message + "\n" + self.formatException(record.exc_info)
+        return 'time="%s" level=%s msg=%s logger=%s' % (
+            logfmt_time(record.created), _LEVEL_NAMES.get(record.levelno, "info"),
+            json.dumps(message, ensure_ascii=False), logfmt_value(record.name))
 
 
 class ReopenableFileHandler(logging.FileHandler):
@@ -43,7 +79,7 @@ def configure(level="info", logpath=None):
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(LEVELS.get(str(level).lower(), logging.INFO))
-    formatter = logging.Formatter(_FORMAT)
+    formatter = LogfmtFormatter()
     file_handler = None
     if logpath:
         try:
@@ -99,16 +135,19 @@ class AccessLog(object):
             self._thread.join(2)
         self.flush()
 
-    def add(self, message):
+    def add(self, method, path, status, duration_ms, client):
+        """One request, as a logfmt line (`msg="GET /path"` plus fields)."""
         now = self._clock()
         second = int(now)
         if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._stamp = logfmt_time(second)
             self._second = second
         if len(self._lines) >= self._max_lines:
             self._dropped += 1
             return
-        self._lines.append("%s,%03d INFO %s: %s\n" % (self._stamp, int((now - second) * 1000), self.name, message))
+        request = json.dumps("%s %s" % (method, path), ensure_ascii=False)
+        self._lines.append('time="%s" level=info msg=%s status=%d duration_ms=%.1f client=%s logger=%s\n' % (
+            self._stamp, request, status, duration_ms, logfmt_value(client), self.name))
 
     def flush(self):
         lines = []
@@ -119,7 +158,8 @@ class AccessLog(object):
                 break
         if self._dropped:
             dropped, self._dropped = self._dropped, 0
-            lines.append("%s WARNING %s: %d access log lines dropped (writer behind)\n" % (self._stamp, self.name, dropped))
+            lines.append('time="%s" level=warning msg="%d access log lines dropped (writer behind)" logger=%s\n'
+                         % (logfmt_time(self._clock()), dropped, self.name))
         if lines:
             write_to_handlers("".join(lines))
 

@@ -182,9 +182,8 @@ class Instrumented(object):
             query = environ.get("QUERY_STRING")
             if query:
                 path = path + "?" + query
-            self._access_log.add("%s %s %d %.1fms %s" % (
-                _printable(environ.get("REQUEST_METHOD", "")), _printable(path)[:300], status,
-                (time.monotonic() - started) * 1000, environ.get("REMOTE_ADDR", "-")))
+            self._access_log.add(_printable(environ.get("REQUEST_METHOD", ""))[:16], _printable(path)[:300], status,
+                                 (time.monotonic() - started) * 1000, environ.get("REMOTE_ADDR", "-"))
         return result
 
     def _allowed(self, addr):

@@ -1,6 +1,7 @@
 """Test helpers: a real service subprocess, plain HTTP to 127.0.0.1, docker CLI calls."""
 import http.client as httpclient
 import json
+import re
 import os
 import signal
 import socket
@@ -164,3 +165,19 @@ def cmdline(pid):
             return handle.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+_LOGFMT_PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|[^ "]*)(?: |$)')
+
+
+def parse_logfmt(line):
+    """{key: value} of one logfmt line; raises ValueError if the line is not logfmt."""
+    fields, at = {}, 0
+    while at < len(line):
+        match = _LOGFMT_PAIR.match(line, at)
+        if not match:
+            raise ValueError("not logfmt at %d: %r" % (at, line))
+        key, value = match.group(1), match.group(2)
+        fields[key] = json.loads(value) if value.startswith('"') else value
+        at = match.end()
+    return fields

@@ -2,6 +2,7 @@ import logging
 
 import pytest
 
+
 from healthcheck.config import parse_args
 from healthcheck.models import Container, HealthReport, ProbeResult
 from healthcheck.verdict_log import VerdictLog
@@ -47,3 +48,65 @@ def test_verdict_log_only_on_change(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "not healthy" in messages[0] and "healthy again" in messages[1]
+
+
+@pytest.mark.parametrize("flag", ["-version", "--version"])
+def test_version_with_one_or_two_dashes(flag, capsys):
+    from healthcheck import __version__
+    with pytest.raises(SystemExit) as info:
+        parse_args([flag])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == "container-healthcheck " + __version__
+
+
+@pytest.mark.parametrize("level", ["trace", "debug", "info", "warn", "warning", "error", "fatal", "panic", "INFO"])
+def test_every_logrus_level_is_accepted(level):
+    from healthcheck.logs import LEVELS
+    args = parse_args(["-level", level, "-port", "4246"])
+    assert args.level == level.lower() and args.level in LEVELS
+
+
+def test_log_lines_are_logfmt_one_event_per_line():
+    from healthcheck.logs import LogfmtFormatter
+    from support import parse_logfmt
+    record = logging.LogRecord("healthcheck.snapshot", logging.ERROR, __file__, 1,
+                               'docker said "%s"', ("no\nsuch = thing",), None)
+    line = LogfmtFormatter().format(record)
+    assert "\n" not in line
+    fields = parse_logfmt(line)
+    assert fields["level"] == "error" and fields["msg"] == 'docker said "no\nsuch = thing"'
+    assert fields["logger"] == "healthcheck.snapshot"
+    assert fields["time"][10] == "T" and fields["time"][-3] == ":"  # RFC 3339 with the offset
+
+
+def _pending_report(app="a"):
+    c = Container("a" * 64, "a-1700000000", ("a-1700000000",), "img", "cmd", 1, "running", "Up", "none", ())
+    probe = ProbeResult.pending("http://127.0.0.1:8010/o/a/")
+    return HealthReport(app, False, "pending", c, [c], probe)
+
+
+def test_verdict_log_ignores_invented_apps_and_pending_probes(caplog):
+    verdicts = VerdictLog()
+    ghost = HealthReport("ghost", False, "no container of app ghost on this host", None, [], None)
+    with caplog.at_level(logging.INFO, logger="healthcheck"):
+        for _ in range(3):
+            verdicts(ghost, exists=False)
+        verdicts(_pending_report())
+    assert caplog.records == []
+
+
+def test_verdict_log_says_when_an_app_goes_away_once(caplog):
+    verdicts = VerdictLog()
+    gone = HealthReport("a", False, "no container of app a on this host", None, [], None)
+    with caplog.at_level(logging.INFO, logger="healthcheck"):
+        verdicts(_report(True))
+        verdicts(gone, exists=False)
+        verdicts(gone, exists=False)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_verdict_log_is_bounded():
+    verdicts = VerdictLog(max_apps=3)
+    for number in range(10):
+        report = _report(False)._replace(app="app%d" % number)
+        verdicts(report)
+    assert list(verdicts._last) == ["app7", "app8", "app9"]

@@ -151,7 +151,7 @@ def test_sighup_reopens_logs_without_dropping_requests(docker_engine, docker, tm
             thread.join(5)
     assert all(r[2] == 200 for r in results)
     assert (logdir / "container-healthcheck.log").exists()
-    assert "GET %s/apps/health/%s 200" % (PREFIX, app) in (logdir / "container-healthcheck.log").read_text()
+    assert 'msg="GET %s/apps/health/%s" status=200' % (PREFIX, app) in (logdir / "container-healthcheck.log").read_text()
 
 
 def test_unwritable_log_path_does_not_stop_answers(tmp_path):
@@ -303,4 +303,4 @@ def test_log_file_is_appended_not_truncated_on_start(tmp_path):
             svc.get("/apps/health/okapp")
     text = (logdir / "container-healthcheck.log").read_text()
     assert text.count("serving on") == 2
-    assert text.count("GET %s/apps/health/okapp 200" % PREFIX) == 2
+    assert text.count('msg="GET %s/apps/health/okapp" status=200' % PREFIX) == 2

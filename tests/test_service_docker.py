@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (child_pids, cmdline, COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service, free_port, http, name_for,
+from support import (child_pids, parse_logfmt, cmdline, COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service, free_port, http, name_for,
                      unique_app, wait_for)
 
 pytestmark = pytest.mark.docker
@@ -316,8 +316,11 @@ def test_go_style_flags_and_log_file(docker_engine, docker, tmp_path):
     finally:
         svc.stop()
     text = (logdir / "container-healthcheck.log").read_text()
-    assert "GET /hc/apps/health/%s 200" % app in text
-    assert "WARNING" in text and "app %s is not healthy" % dead in text
+    assert 'msg="GET /hc/apps/health/%s" status=200' % app in text
+    assert "level=warning" in text and "app %s is not healthy" % dead in text
+    for line in text.splitlines():
+        fields = parse_logfmt(line)  # every line is one logfmt event, like logrus' text format
+        assert set(fields) >= {"time", "level", "msg"} and fields["level"] in ("debug", "info", "warning", "error"), line
     assert "ghost" not in text.replace("GET /hc/apps/health/ghost", "")
 
 
