@@ -1,5 +1,7 @@
-"""The RPM, with real rpm tools: contents, requires, scriptlets, a scratch-root install that
-serves against the real Docker engine, upgrades that keep an edited sysconfig, erase."""
+"""The RPM, with real rpm tools: contents, requires, what EL7's rpm 4.11 can open, and every
+scriptlet really run (in a busybox scratch root with logging stubs for systemctl and the user
+tools): fresh install, upgrade over a replica of the Go tool's package, 2.x -> 2.y, erase;
+plus an install whose launcher serves against the real Docker engine."""
 import os
 import shutil
 import subprocess
@@ -11,6 +13,17 @@ from support import ROOT, free_port, get_json, name_for, unique_app, wait_for
 
 pytestmark = pytest.mark.docker
 SPEC_GO_TOOL = os.path.join(ROOT, "tests", "fixtures", "rpm", "go-tool.spec")
+NEWER = "2.1.1"
+NAME = "container-healthcheck"
+# What rpm 4.11 (CentOS 7) provides, from its lib/rpmds.c rpmlibProvides table: a package
+# requiring any other rpmlib() feature (LargeFiles, RichDependencies, PayloadIsZstd,
+# CaretInVersions...) does not install there.
+RPMLIB_4_11 = {
+    "VersionedDependencies", "CompressedFileNames", "PayloadIsBzip2", "PayloadIsXz", "PayloadIsLzma",
+    "PayloadFilesHavePrefix", "ExplicitPackageProvide", "HeaderLoadSortsTags", "ScriptletInterpreterArgs",
+    "PartialHardlinkSets", "ConcurrentAccess", "BuiltinLuaScripts", "FileDigests", "FileCaps",
+    "ScriptletExpansion", "TildeInVersions",
+}
 
 
 def run(*argv, check=True, **kwargs):
@@ -37,10 +50,10 @@ def rpms(tmp_path_factory):
         pytest.skip("rpmbuild missing")
     tmp = tmp_path_factory.mktemp("rpm")
     current = build(tmp)
-    newer = build(tmp_path_factory.mktemp("rpm-newer"), "2.0.1")
+    newer = build(tmp_path_factory.mktemp("rpm-newer"), NEWER)
     go_top = tmp / "go"
-    run("rpmbuild", "-bb", "--define", "_topdir %s" % go_top, SPEC_GO_TOOL)
-    go_tool = str(go_top / "RPMS" / "noarch" / "container-healthcheck-1.0.1-1.noarch.rpm")
+    run("rpmbuild", "-bb", "--target", "x86_64", "--define", "_topdir %s" % go_top, SPEC_GO_TOOL)
+    go_tool = str(go_top / "RPMS" / "x86_64" / "container-healthcheck-1.0.2-2.el7.x86_64.rpm")
     return {"current": current, "newer": newer, "go": go_tool}
 
 
@@ -79,10 +92,10 @@ def test_scriptlets(rpms):
     assert "useradd -r -g container-healthcheck -G docker" in scripts
     assert "groupadd -r docker" in scripts
     assert "systemctl enable container-healthcheck.service" in scripts
-    assert "systemctl try-restart container-healthcheck.service" in scripts
     assert "disable container-healthcheck.service" in scripts and "systemctl stop" in scripts
     # each scriptlet is valid sh
-    for tag in ("PREIN", "POSTIN", "PREUN", "POSTUN"):
+    assert "systemctl restart container-healthcheck.service" in scripts
+    for tag in ("PREIN", "POSTIN", "PREUN", "POSTUN", "POSTTRANS"):
         body = run("rpm", "-qp", "--qf", "%%{%s}" % tag, rpms["current"])
         assert body.strip() and body.strip() != "(none)", tag
         subprocess.run(["sh", "-n"], input=body, universal_newlines=True, check=True, timeout=10)
@@ -109,7 +122,8 @@ def test_installed_launcher_serves_against_real_docker(rpms, tmp_path, docker):
     app = unique_app()
     docker.run(name_for(app))
     launcher = str(root / "usr/bin/container-healthcheck")
-    assert "2.0.0" in run(launcher, "--version")
+    from healthcheck import __version__
+    assert __version__ in run(launcher, "--version")
     port = free_port()
     # The Go tool's OPTS line, as the unit passes it; PYTHONPATH must not matter (-E).
     argv = [launcher, "serve", "-level", "info", "-prefix", "/container-healthcheck", "-port", str(port),
@@ -143,25 +157,184 @@ def test_launcher_says_what_is_wrong_without_python(rpms, tmp_path):
     assert "needs Python >= 3.6" in proc.stderr and "/nonexistent/python3" in proc.stderr
 
 
-def test_upgrade_over_the_go_tool_and_again_keeps_the_edited_sysconfig(rpms, tmp_path):
-    root = _install(tmp_path, rpms["go"])
-    conf = root / "etc/sysconfig/container-healthcheck"
-    edited = 'OPTS="-level warn -prefix /container-healthcheck -port 4247 -ngx-port 0"\n'
+def test_payload_and_rpmlib_needs_open_on_el7(rpms):
+    for rpm in (rpms["current"], rpms["go"]):
+        assert run("rpm", "-qp", "--qf", "%{PAYLOADCOMPRESSOR}", rpm) == "gzip", rpm
+    needs = [line.split()[0] for line in run("rpm", "-qpR", rpms["current"]).splitlines()
+             if line.startswith("rpmlib(")]
+    assert needs, "rpmlib() requirements were expected"
+    for need in needs:
+        assert need[len("rpmlib("):-1] in RPMLIB_4_11, need
+    spec = open(os.path.join(ROOT, "rpm", "container-healthcheck.spec")).read()
+    assert "%define _binary_payload w9.gzdio" in spec and "%define _source_payload w9.gzdio" in spec
+
+
+STUBS = {
+    # Logging stubs: each appends its argv to /stub-calls. systemctl is-active answers from
+    # /stub-state/active, as a running or stopped service would.
+    "usr/bin/systemctl": """#!/bin/sh
+echo "systemctl $*" >> /stub-calls
+case "$*" in *is-active*) [ -f /stub-state/active ] && exit 0; exit 3 ;; esac
+exit 0
+""",
+    "usr/bin/getent": """#!/bin/sh
+echo "getent $*" >> /stub-calls
+grep "^$2:" "/etc/$1"
+""",
+    "usr/sbin/groupadd": """#!/bin/sh
+echo "groupadd $*" >> /stub-calls
+for name; do :; done
+echo "$name:x:$((900 + $(wc -l < /etc/group))):" >> /etc/group
+""",
+    "usr/sbin/useradd": """#!/bin/sh
+echo "useradd $*" >> /stub-calls
+for name; do :; done
+id=$((900 + $(wc -l < /etc/passwd)))
+gid=$(grep "^$name:" /etc/group | cut -d: -f3)
+echo "$name:x:$id:${gid:-$id}::/var/log/$name:/sbin/nologin" >> /etc/passwd
+""",
+    "usr/sbin/usermod": """#!/bin/sh
+echo "usermod $*" >> /stub-calls
+""",
+}
+
+
+class ScratchRoot(object):
+    """A busybox root where `rpm --root` really runs scriptlets (chrooted into it)."""
+
+    def __init__(self, path):
+        self.path = path
+        for folder in ("bin", "usr/bin", "usr/sbin", "etc", "dev", "tmp", "var/tmp", "var/log", "stub-state"):
+            (path / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy("/bin/busybox", str(path / "bin" / "busybox"))
+        for applet in ("sh", "cat", "chown", "cut", "grep", "ls", "mkdir", "rm", "touch", "wc", "sed", "test", "["):
+            os.symlink("busybox", str(path / "bin" / applet))
+        os.mknod(str(path / "dev" / "null"), 0o666 | 0o020000, os.makedev(1, 3))
+        (path / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (path / "etc" / "group").write_text("root:x:0:\n")
+        for name, text in STUBS.items():
+            (path / name).write_text(text)
+            (path / name).chmod(0o755)
+        run("rpm", "--root", str(path), "--initdb")
+
+    def rpm(self, *args):
+        self.calls_seen = self.calls()
+        extra = ("--ignorearch",) if args[0] in ("-i", "-U") else ()
+        return run("rpm", "--root", str(self.path), "--nodeps", *(extra + args))
+
+    def calls(self):
+        log = self.path / "stub-calls"
+        return log.read_text().splitlines() if log.exists() else []
+
+    def new_calls(self):
+        return self.calls()[len(self.calls_seen):]
+
+    def running(self, yes):
+        flag = self.path / "stub-state" / "active"
+        if yes:
+            flag.touch()
+        elif flag.exists():
+            flag.unlink()
+
+    def owner(self, relative):
+        uid = os.stat(str(self.path / relative)).st_uid
+        for line in (self.path / "etc" / "passwd").read_text().splitlines():
+            if int(line.split(":")[2]) == uid:
+                return line.split(":")[0]
+        return uid
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("rpm --root runs scriptlets chrooted: needs root (CI runs as root)")
+    if not os.path.exists("/bin/busybox"):
+        pytest.fail("busybox missing (apt-get install busybox-static)")
+    return ScratchRoot(tmp_path / "root")
+
+
+def systemctl(calls):
+    return [c for c in calls if c.startswith("systemctl ") and "is-active" not in c]
+
+
+def test_fresh_install_runs_every_scriptlet(rpms, scratch):
+    scratch.rpm("-i", rpms["current"])
+    calls = scratch.new_calls()
+    assert "groupadd -r docker" in calls and "groupadd -r %s" % NAME in calls
+    assert any(c.startswith("useradd -r -g %s -G docker" % NAME) for c in calls), calls
+    assert systemctl(calls) == ["systemctl daemon-reload", "systemctl enable %s.service" % NAME,
+                                "systemctl daemon-reload"], calls
+    assert scratch.owner("var/log/%s" % NAME) == NAME
+    assert not (scratch.path / "var/lib/rpm-state" / NAME).exists()
+
+
+def test_upgrade_over_the_go_tools_package(rpms, scratch):
+    scratch.rpm("-i", rpms["go"])
+    assert systemctl(scratch.new_calls()) == ["systemctl daemon-reload"]  # the Go tool's only scriptlet
+    # The Go tool ran as root and wrote its logs; the operator edited OPTS; the service runs.
+    logdir = scratch.path / "var/log" / NAME
+    for name in ("container-healthcheck.log", "gin-stdout.log", "console.log"):
+        (logdir / name).write_text("old lines\n")
+    conf = scratch.path / "etc/sysconfig" / NAME
+    edited = conf.read_text().replace("-level info", "-level warn").replace("4246", "4247")
     conf.write_text(edited)
-    _install(tmp_path, rpms["current"], upgrade=True)
+    scratch.running(True)
+
+    scratch.rpm("-U", rpms["current"])
+    calls = systemctl(scratch.new_calls())
+    # In %posttrans, once the old package is gone: daemon-reload, rsyslog forgets the Go rule,
+    # then the restart. Nothing enables the service: the operator's choice stands.
+    assert calls == ["systemctl daemon-reload", "systemctl try-restart rsyslog.service",
+                     "systemctl restart %s.service" % NAME], calls
     assert conf.read_text() == edited
-    assert "2.0.0" in run("rpm", "--root", str(root), "-q", "container-healthcheck")
-    assert "go tool" not in (root / "usr/bin/container-healthcheck").read_text()
-    assert (root / "usr/lib/container-healthcheck/healthcheck/cli.py").exists()
-    edited_again = edited.replace("4247", "4248")
-    conf.write_text(edited_again)
-    _install(tmp_path, rpms["newer"], upgrade=True)
-    assert conf.read_text() == edited_again
-    assert "2.0.1" in run("rpm", "--root", str(root), "-q", "container-healthcheck")
-    run("rpm", "--root", str(root), "-e", "--nodeps", "--noscripts", "container-healthcheck")
-    assert not (root / "usr/bin/container-healthcheck").exists()
-    assert not (root / "usr/lib/container-healthcheck").exists()
-    assert "not installed" in run("rpm", "--root", str(root), "-q", "container-healthcheck", check=False)
+    assert not (scratch.path / "usr/local/bin" / NAME).exists()
+    assert not (scratch.path / "etc/rsyslog.d" / ("%s.conf" % NAME)).exists()
+    unit = (scratch.path / "usr/lib/systemd/system" / ("%s.service" % NAME)).read_text()
+    assert "ExecStart=/usr/bin/container-healthcheck serve $OPTS" in unit and "/usr/local/bin" not in unit
+    for name in ("container-healthcheck.log", "gin-stdout.log", "console.log"):
+        assert scratch.owner("var/log/%s/%s" % (NAME, name)) == NAME, name
+    assert scratch.owner("var/log/%s" % NAME) == NAME
+    assert not (scratch.path / "var/lib/rpm-state" / NAME).exists()
+    from healthcheck import __version__
+    assert __version__ in run("rpm", "--root", str(scratch.path), "-q", NAME)
+
+
+def test_upgrade_over_the_go_tool_that_was_stopped_does_not_start_it(rpms, scratch):
+    scratch.rpm("-i", rpms["go"])
+    scratch.running(False)
+    scratch.rpm("-U", rpms["current"])
+    calls = systemctl(scratch.new_calls())
+    assert calls == ["systemctl daemon-reload", "systemctl try-restart rsyslog.service"], calls
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_upgrade_2x_to_2y_restarts_a_running_service_only(rpms, scratch, running):
+    scratch.rpm("-i", rpms["current"])
+    conf = scratch.path / "etc/sysconfig" / NAME
+    edited = conf.read_text().replace("-port 4246", "-port 4248")
+    conf.write_text(edited)
+    scratch.running(running)
+    scratch.rpm("-U", rpms["newer"])
+    calls = systemctl(scratch.new_calls())
+    # The old 2.x's %postun still runs its own daemon-reload and try-restart (its scriptlet,
+    # not ours); ours acts in %posttrans, after it.
+    ours = ["systemctl daemon-reload"] + (["systemctl restart %s.service" % NAME] if running else [])
+    assert calls[-len(ours):] == ours, calls
+    assert sum(c == "systemctl restart %s.service" % NAME for c in calls) == (1 if running else 0), calls
+    assert conf.read_text() == edited
+    assert NEWER in run("rpm", "--root", str(scratch.path), "-q", NAME)
+
+
+def test_erase_stops_and_disables(rpms, scratch):
+    scratch.rpm("-i", rpms["current"])
+    scratch.running(True)
+    scratch.rpm("-e", NAME)
+    calls = systemctl(scratch.new_calls())
+    assert calls == ["systemctl --no-reload disable %s.service" % NAME, "systemctl stop %s.service" % NAME,
+                     "systemctl daemon-reload"], calls
+    assert not (scratch.path / "usr/bin" / NAME).exists()
+    assert not (scratch.path / "usr/lib" / NAME).exists()
+    assert "not installed" in run("rpm", "--root", str(scratch.path), "-q", NAME, check=False)
 
 
 def test_unit_passes_systemd_analyze_verify(rpms, tmp_path):
