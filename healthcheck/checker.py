@@ -59,9 +59,10 @@ class Checker(object):
         if snapshot is None:
             return []
         known = self._prober.known() if self._prober is not None else {}
+        memo = self._memo_for(snapshot.generation)  # the selections of the answers, shared
         reports = []
-        for app in self._apps(snapshot, None):
-            matches, serving = self._select(snapshot, app, None)
+        for app in self._apps(snapshot, memo):
+            matches, serving = self._select(snapshot, app, memo)
             probe = None
             if self._prober is not None and serving is not None:
                 if app not in known:
