@@ -370,3 +370,36 @@ def test_apps_endpoint_live(service, docker):
     status, body = service.get("/apps")
     assert status == 200 and body["message"]["apps"][app]["code"] == 0
     assert app in body["message"]["healthy"]
+
+
+def test_what_go_tool_users_relied_on_against_the_running_service(docker_engine, docker, tmp_path):
+    """Each wire habit of the Go tool, on a real service: cache-busters, `?all=`, trailing
+    slashes, charset, -version, every logrus level, logfmt lines."""
+    app, dead = unique_app(), unique_app()
+    docker.run(name_for(app))
+    docker.run(name_for(dead), cmd=("true",))
+    wait_for(lambda: docker.state(name_for(dead)) == "exited", 10)
+    version = subprocess.run([sys.executable, "-m", "healthcheck", "-version"], cwd=ROOT, stdout=subprocess.PIPE,
+                             universal_newlines=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("container-healthcheck 2.")
+    for level in ("trace", "fatal", "panic"):
+        with Service("-level", level, "-ngx-port", "0") as svc:
+            assert svc.get("/health")[0] == 200
+    with Service("-level", "info", "-ngx-port", "0", "-logpath", str(tmp_path)) as svc:
+        status, headers, body = http(svc.port, "/container-healthcheck/apps/health/%s?_=1709878117" % app)
+        assert status == 200 and headers["Content-Type"] == "application/json; charset=utf-8"
+        for path in ("/apps/health/%s/" % app, "/apps/health/%s/?_=1" % app, "/health/", "/apps/"):
+            assert svc.get(path)[0] == 200, path
+        status, body = svc.get("/apps/health/%s?all=" % dead)
+        assert status == 503 and body["containers"] == []  # empty all is false, as in Go
+        status, body = svc.get("/apps/health/%s?all=YES" % dead)
+        assert status == 503 and [c["names"] for c in body["containers"]] == [name_for(dead)]
+        status, body = svc.get("/apps/health/%s?all=maybe" % dead)
+        assert status == 400 and body["code"] == 13
+    lines = (tmp_path / "container-healthcheck.log").read_text().splitlines()
+    assert lines
+    for line in lines:
+        fields = parse_logfmt(line)
+        assert {"time", "level", "msg"} <= set(fields), line
+    assert any(parse_logfmt(l).get("msg") == "GET /container-healthcheck/apps/health/%s" % app
+               and parse_logfmt(l).get("status") == "200" for l in lines)

@@ -312,3 +312,13 @@ def test_metrics_has_no_side_effects(harness):
     # probed has no probe result yet: its verdict is unknown, so it is left out
     assert health == {"good": 1, "paused": 0, "gone": 0}
     assert calls == ["good"]
+
+
+def test_a_bug_is_500_code_16_never_a_docker_code(harness):
+    h = harness()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    h.checker.check = broken
+    status, body = h.json("/apps/health/good")
+    assert status == 500 and body == {"code": 16, "status": "error", "message": "internal error"}
