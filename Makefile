@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test venv test-venv deps rpm bench bench-scale clean e2e
+.PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua clean e2e
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install -y python3-venv" >&2; exit 1; }
@@ -38,6 +38,9 @@ bench: deps venv
 
 bench-scale: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench-scale
+
+bench-lua: deps
+	scripts/bench-lua
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

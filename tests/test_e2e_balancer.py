@@ -1,7 +1,10 @@
 """End to end with real processes: an entry Nginx running the Lua balancer, two APPOs on
 127.0.0.2 and 127.0.0.3 (each its own dockerd, app container, container-healthcheck and APPO
-Nginx), steady client traffic; and HAProxy's httpchk against the same APPOs."""
+Nginx), steady client traffic; HAProxy's httpchk against the same APPOs; and BlueKing's own
+OpenResty path (ngx.upstream, per-app upstreams, /t/ routes, backup peers, 5.x's shared
+upstream) built from the shipped snippets pasted into a replica of BlueKing's paas.conf."""
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -116,8 +119,8 @@ def _stop(proc):
 class Traffic(object):
     """Steady client traffic through the entry Nginx: (time, status, body) per request."""
 
-    def __init__(self, port):
-        self.url = "http://127.0.0.1:%d/o/%s/" % (port, APP)
+    def __init__(self, port, path="/o/%s/" % APP):
+        self.url = "http://127.0.0.1:%d%s" % (port, path)
         self.records = []
         self._stop = threading.Event()
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -371,3 +374,317 @@ backend %(app)s
         assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "UP", 15), _haproxy_stat(sock_path)
     finally:
         _stop(proc)
+
+
+# ---- BlueKing's OpenResty path: ngx.upstream from ../shared/openresty (test tooling) ----
+
+UPSTREAM_MODULE = os.path.join(ROOT, "..", "shared", "openresty", "ngx_http_lua_upstream_module.so")
+BOTH_NAME = "appos-both.test"  # resolves to both APPOs through a private /etc/hosts
+
+# A replica of BlueKing 6.x's entry files (structure from its installer's templates): other
+# upstreams (PaaS, login) next to one upstream per app rendered from consul, an existing
+# lua_package_path, and paas.conf's /t/ and /o/ regex locations before `location /`.
+BK_NGINX_CONF = """
+http {
+    access_log off;
+    lua_package_path "/usr/share/lua/5.1/?.lua;;";
+    upstream PAAS { server 127.0.0.9:%(paas)d max_fails=1 fail_timeout=30s; }
+    upstream LOGIN { server 127.0.0.9:%(paas)d max_fails=1 fail_timeout=30s; }
+    include %(dir)s/app_upstream.conf;
+    server {
+        listen 127.0.0.1:%(port)d;
+        include %(dir)s/paas.conf;
+    }
+}
+"""
+BK_APP_UPSTREAM = """
+upstream %(app)s {
+    server %(a)s max_fails=1 fail_timeout=30s;
+    server %(b)s max_fails=1 fail_timeout=30s backup;
+}
+upstream t.%(app)s {
+    server %(both)s:%(ngx)d max_fails=1 fail_timeout=30s;
+}
+upstream t.gone {
+    server 127.0.0.10:%(down)d down;
+}
+"""
+BK_PAAS_CONF = """
+location ~ ^/t/([^/]+) {
+    set $test_app t.$1;
+    proxy_pass http://$test_app;
+    proxy_next_upstream http_502 http_504 error timeout invalid_header;
+    proxy_connect_timeout 3;
+}
+location ~ ^/o/([^/]+) {
+    set $app $1;
+    proxy_pass http://$app;
+    proxy_next_upstream http_502 http_504 error timeout invalid_header;
+    proxy_connect_timeout 3;
+}
+location / {
+    proxy_pass http://PAAS;
+}
+"""
+
+
+SHIPPED_TIMING = "interval = 2, timeout = 1, fall = 2, rise = 2,"
+TEST_TIMING = "interval = %d, timeout = 0.5, fall = %d, rise = %d," % (INTERVAL, FALL, RISE)
+
+
+BK5_PAAS_CONF = """
+location ~ ^/o/ {
+    proxy_pass http://PAAS_AGENT_PROD;
+}
+location / {
+    proxy_pass http://PAAS;
+}
+"""
+BK6_APP_LOCATIONS = r"location ~ \^/t/\(\[\^/\]\+\) \{.*?\n\}\nlocation ~ \^/o/\(\[\^/\]\+\) \{.*?\n\}\n"
+BK5_APP_LOCATION = r"location ~ \^/o/ \{.*?\n\}\n"
+
+
+def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", replace=BK6_APP_LOCATIONS):
+    """What README tells an operator to do to BlueKing's files, done by text: the module's
+    folder added to the existing lua_package_path, entry-http.conf included in http { }, and
+    BlueKing's /t/ and /o/ locations replaced by entry-paas.conf. The snippets are used as
+    shipped but for the test's faster timing and extra_init (e.g. 5.x's shared_upstream)."""
+    nginx_conf = nginx_conf.replace('lua_package_path "', 'lua_package_path "%s/?.lua;' % LUA_DIR, 1)
+    http = open(os.path.join(snippets, "entry-http.conf")).read()
+    assert SHIPPED_TIMING in http
+    http = http.replace(SHIPPED_TIMING, TEST_TIMING + " " + extra_init, 1)
+    http_path = os.path.join(workdir, "container-healthcheck-http.conf")
+    with open(http_path, "w") as handle:
+        handle.write(http)
+    nginx_conf = nginx_conf.replace("    include %s/app_upstream.conf;" % workdir,
+                                    "    include %s/app_upstream.conf;\n    include %s;" % (workdir, http_path), 1)
+    replaced, count = re.subn(replace, "include %s/entry-paas.conf;\n" % snippets, paas_conf, flags=re.S)
+    assert count == 1, "BlueKing's app locations were not found to replace"
+    return nginx_conf, replaced
+
+
+class Counter(object):
+    """A loopback server that counts what reaches it (the PaaS upstream, the placeholder)."""
+
+    def __init__(self, host, port):
+        self.requests = []
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            try:
+                conn.settimeout(2)
+                data = conn.recv(4096)
+                if data:
+                    self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npaas")
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self._sock.close()
+
+
+def _run_nginx_with_hosts(conf, hosts_text, workdir):
+    """The entry Nginx in its own mount namespace whose /etc/hosts maps BOTH_NAME to both
+    APPOs: a server name that resolves to several addresses, as CentOS 7's localhost does."""
+    hosts = os.path.join(workdir, "hosts")
+    with open(hosts, "w") as handle:
+        handle.write(hosts_text)
+    prefix = os.path.dirname(conf)
+    for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
+        os.makedirs(os.path.join(prefix, sub), exist_ok=True)
+    test = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec nginx -t -p "$1/" -c "$2"',
+                           hosts, prefix, conf], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=30)
+    assert test.returncode == 0, test.stdout
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec nginx -p "$1/" -c "$2"',
+                             hosts, prefix, conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    assert proc.poll() is None, open(conf.replace(".conf", "-error.log")).read()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bk_entry(cluster):
+    if not os.path.exists(UPSTREAM_MODULE):
+        pytest.skip("needs ../shared/openresty/ngx_http_lua_upstream_module.so (OpenResty's ngx.upstream built "
+                    "for Debian's nginx; test tooling outside this repository): BlueKing's OpenResty path not run")
+    _need("unshare")
+    appo2, appo3 = cluster["appos"]
+    workdir = os.path.join(cluster["workdir"], "bk")
+    os.makedirs(workdir, exist_ok=True)
+    paas = Counter("127.0.0.9", 0)
+    down = Counter("127.0.0.10", 0)  # a server marked down: must see nothing
+    try:
+        placeholder = Counter("127.0.0.1", 1)  # the shipped placeholder peer: must see nothing
+    except OSError:
+        placeholder = None
+    port = free_port()
+    values = {"dir": workdir, "paas": paas.port, "port": port, "app": APP, "a": appo2.addr, "b": appo3.addr,
+              "both": BOTH_NAME, "ngx": appo2.ngx_port, "down": down.port}
+    with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
+        handle.write(BK_APP_UPSTREAM % values)
+    nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR)
+    with open(os.path.join(workdir, "paas.conf"), "w") as handle:
+        handle.write(paas_conf)
+    conf = os.path.join(workdir, "bkentry.conf")
+    with open(conf, "w") as handle:
+        handle.write("load_module %s/ndk_http_module.so;\nload_module %s/ngx_http_lua_module.so;\n"
+                     "load_module %s;\n" % (NGINX_MODULES, NGINX_MODULES, os.path.abspath(UPSTREAM_MODULE)))
+        handle.write(_nginx_main(workdir, "bkentry").replace("warn;", "info;"))
+        handle.write(nginx_conf)
+    proc = _run_nginx_with_hosts(conf, "127.0.0.1 localhost\n%s %s\n%s %s\n" % (
+        appo2.ip, BOTH_NAME, appo3.ip, BOTH_NAME), workdir)
+    state = {"port": port, "paas": paas, "placeholder": placeholder, "workdir": workdir, "down": down,
+             "error_log": os.path.join(workdir, "bkentry-error.log"), "proc": proc,
+             "o": Traffic(port), "t": Traffic(port, "/t/%s/" % APP), "bare": Traffic(port, "/o/%s" % APP)}
+    try:
+        yield state
+    finally:
+        for key in ("o", "t", "bare"):
+            state[key].stop()
+        _stop(proc)
+        paas.close()
+        down.close()
+        if placeholder:
+            placeholder.close()
+
+
+def _bk_served(bk, kind, since):
+    return served_by(bk[kind].since(since))
+
+
+def test_7_openresty_path_routes_primary_and_test_hosts(healthy, bk_entry):
+    bk = bk_entry
+    assert wait_for(lambda: _bk_served(bk, "o", time.monotonic() - 1.5) == {"appo2"}, 20)
+    start = time.monotonic()
+    time.sleep(3)
+    # /o/: the primary only (appo3 is a backup); /t/: both addresses of the two-address name.
+    assert _bk_served(bk, "o", start) == {"appo2"} and not failures(bk["o"].since(start))
+    assert _bk_served(bk, "t", start) == {"appo2", "appo3"} and not failures(bk["t"].since(start))
+    # /o/<app> without the trailing slash goes through the balancer too (the APPO answers it).
+    assert all(r[1] in (200, 301) for r in bk["bare"].since(start)) and bk["bare"].since(start)
+
+
+def test_8_backup_only_when_the_primary_dies_and_test_route_follows_health(healthy, bk_entry):
+    bk = bk_entry
+    appo2 = healthy["appos"][0]
+    assert wait_for(lambda: _bk_served(bk, "o", time.monotonic() - 1.5) == {"appo2"}, 20)
+    appo2.docker("kill", NAME)
+    killed = time.monotonic()
+    time.sleep(WINDOW + 3)
+    after_o, after_t = bk["o"].since(killed + WINDOW), bk["t"].since(killed + WINDOW)
+    assert served_by(after_o) == {"appo3"} and not failures(after_o), failures(after_o)[:5]
+    assert served_by(after_t) == {"appo3"} and not failures(after_t), failures(after_t)[:5]
+    appo2.docker("start", NAME)
+    back = time.monotonic()
+    assert wait_for(lambda: _bk_served(bk, "o", time.monotonic() - 1.5) == {"appo2"}, INTERVAL * RISE + 10)
+    assert not failures(bk["o"].since(back + INTERVAL * RISE + 2))
+
+
+def test_9_openresty_path_fails_open_quietly(healthy, bk_entry):
+    bk = bk_entry
+    appo2, appo3 = healthy["appos"]
+    appo2.stop_service()
+    appo3.stop_service()
+    both = time.monotonic()
+    stale_after = INTERVAL * (FALL + 1) + 0.5
+    log_before = open(bk["error_log"]).read().count("failing open")
+    time.sleep(stale_after + 6)
+    open_records = bk["o"].since(both + stale_after + 1)
+    assert open_records and not failures(open_records), failures(open_records)[:5]
+    seconds = time.monotonic() - both
+    lines = open(bk["error_log"]).read().count("failing open") - log_before
+    # at most one line per app per interval across workers (/o/demo and /t/demo: one app each)
+    assert lines <= 2 * (seconds / INTERVAL + 2), (lines, seconds)
+
+
+def test_10_openresty_path_polls_only_appos_and_never_errors(healthy, bk_entry):
+    bk = bk_entry
+    time.sleep(INTERVAL * 2)
+    polls = [r for r in bk["paas"].requests if "/container-healthcheck" in r]
+    assert polls == [], polls[:5]
+    assert bk["placeholder"] is None or bk["placeholder"].connections == 0
+    status = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+        "http://127.0.0.1:%d/container-healthcheck-status" % bk["port"], timeout=5)
+    assert status.status == 200
+    # An upstream whose only server is marked down: no peer, a 502, and nothing connects to it.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as info:
+        opener.open("http://127.0.0.1:%d/t/gone/" % bk["port"], timeout=5)
+    assert info.value.code in (500, 502)
+    time.sleep(INTERVAL * 2)
+    assert bk["down"].connections == 0
+    text = open(bk["error_log"]).read()
+    # over the whole run (this test runs last of the OpenResty ones): no Lua error at all
+    assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]
+
+
+def test_11_bluekings_5x_shared_upstream_recipe(healthy):
+    if not os.path.exists(UPSTREAM_MODULE):
+        pytest.skip("needs ../shared/openresty/ngx_http_lua_upstream_module.so (test tooling outside this repository)")
+    cluster = healthy
+    appo2, appo3 = cluster["appos"]
+    workdir = os.path.join(cluster["workdir"], "bk5")
+    os.makedirs(workdir, exist_ok=True)
+    paas = Counter("127.0.0.9", 0)
+    port = free_port()
+    # 5.x: no per-app upstreams, one PAAS_AGENT_PROD with every APPO, and `location ~ ^/o/`.
+    nginx_conf = """
+http {
+    access_log off;
+    lua_package_path "/usr/share/lua/5.1/?.lua;;";
+    upstream PAAS { server 127.0.0.9:%(paas)d; }
+    upstream PAAS_AGENT_PROD {
+        server %(a)s max_fails=1 fail_timeout=30s;
+        server %(b)s max_fails=1 fail_timeout=30s;
+    }
+    include %(dir)s/app_upstream.conf;
+    server {
+        listen 127.0.0.1:%(port)d;
+        include %(dir)s/paas.conf;
+    }
+}
+""" % {"paas": paas.port, "a": appo2.addr, "b": appo3.addr, "dir": workdir, "port": port}
+    with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
+        handle.write("")
+    nginx_conf, paas_conf = apply_readme_steps(
+        workdir, nginx_conf, BK5_PAAS_CONF, LUA_DIR, extra_init='shared_upstream = "PAAS_AGENT_PROD",',
+        replace=BK5_APP_LOCATION)
+    with open(os.path.join(workdir, "paas.conf"), "w") as handle:
+        handle.write(paas_conf)
+    conf = os.path.join(workdir, "bk5.conf")
+    with open(conf, "w") as handle:
+        handle.write("load_module %s/ndk_http_module.so;\nload_module %s/ngx_http_lua_module.so;\n"
+                     "load_module %s;\n" % (NGINX_MODULES, NGINX_MODULES, os.path.abspath(UPSTREAM_MODULE)))
+        handle.write(_nginx_main(workdir, "bk5"))
+        handle.write(nginx_conf)
+    proc = _run_nginx(conf)
+    traffic = Traffic(port)
+    try:
+        assert wait_for(lambda: served_by(traffic.since(time.monotonic() - 1.5)) == {"appo2", "appo3"}, 20)
+        appo2.docker("kill", NAME)
+        killed = time.monotonic()
+        time.sleep(WINDOW + 3)
+        after = traffic.since(killed + WINDOW)
+        assert served_by(after) == {"appo3"} and not failures(after), failures(after)[:5]
+        assert [r for r in paas.requests if "/container-healthcheck" in r] == []
+        assert "runtime error" not in open(os.path.join(workdir, "bk5-error.log")).read()
+    finally:
+        traffic.stop()
+        _stop(proc)
+        paas.close()

@@ -1,40 +1,69 @@
--- container_healthcheck.lua: entry-Nginx balancer for BlueKing /o/<app>/ that routes only to
--- APPOs whose container-healthcheck says the app is healthy.
+-- container_healthcheck.lua: entry-Nginx balancer for BlueKing /o/<app>/ and /t/<app>/ that
+-- routes only to APPOs whose container-healthcheck says the app is healthy.
 --
--- * A background checker (init_worker + ngx.timer, one worker per round via a shared-dict
---   lock) polls each APPO's GET /container-healthcheck/apps once per interval, with a timeout,
---   and keeps per-app, per-APPO health with rise/fall thresholds in a lua_shared_dict.
--- * balance(app) (balancer_by_lua) picks round-robin among the APPOs healthy for the app,
---   retries the next one on failure, and FAILS OPEN to all the app's APPOs when none is known
---   healthy or the data is stale, so a health-service outage never becomes a site outage.
--- * No cosocket call happens on the request path; it only reads the shared dict.
--- Needs lua-nginx-module and lua-resty-core (ngx.balancer); uses cjson when present.
+-- * Which hosts serve an app: the servers of its own upstream (`<app>` for /o/, `t.<app>` for
+--   /t/, as BlueKing 6.x renders them from consul) through ngx.upstream where OpenResty has it,
+--   or one shared upstream (BlueKing 5.x: PAAS_AGENT_PROD), or the `apps`/`appos` lists. A server
+--   marked `down` is never used; `backup` servers only when no primary is healthy; a name that
+--   resolved to several addresses gives one peer per address.
+-- * Only APPOs are polled: the configured ones and the servers of app upstreams that requests
+--   asked for (learned on the request path from nginx's own tables, no socket). Never the
+--   servers of other upstreams, never a placeholder.
+-- * A background checker (init_worker + ngx.timer, one worker per round through a shared-dict
+--   lock) polls each APPO's GET /container-healthcheck/apps once per interval with one total
+--   deadline, and keeps per-app, per-APPO health with rise/fall in a lua_shared_dict.
+-- * balance() (balancer_by_lua) picks round-robin among the healthy peers, retries the next
+--   one, and FAILS OPEN to all the app's peers when none is known healthy or the data is
+--   stale, so a health-service outage never becomes a site outage.
+-- * Nothing on the request path opens a socket; log lines are at most one per app or APPO per
+--   interval; shared-dict entries expire when an app or APPO is no longer seen.
+-- Needs lua-nginx-module and lua-resty-core (ngx.balancer).
 local balancer = require "ngx.balancer"
 
-local M = { _VERSION = "2.0.0" }
+local M = { _VERSION = "2.1.0" }
 
 local conf = {
     dict = "container_healthcheck",
-    appos = {},             -- { "10.0.0.2:80", ... }: APPO Nginx addresses for every app
-    apps = {},              -- optional { app = { "host:port", ... } } overriding appos per app
-    use_upstream_module = true, -- ngx.upstream.get_servers(app) where OpenResty has it
+    appos = {},             -- { "10.0.0.2:8010", ... }: APPOs of every app without an upstream of its own
+    apps = {},              -- { app = { "host:port", ... } }: fixed APPOs per app (overrides the rest)
+    use_upstream_module = true, -- ngx.upstream: the app's own upstream (`<app>`, `t.<app>`)
+    shared_upstream = nil,  -- BlueKing 5.x: the one upstream whose servers are every APPO
+    test_prefix = "t.",     -- /t/<app> goes to upstream test_prefix .. app
     path = "/container-healthcheck/apps",
     host_header = nil,      -- Host sent to APPOs (default: the APPO address)
     interval = 2,           -- seconds between polls of each APPO
-    timeout = 1,            -- seconds for one poll (connect, send, read)
+    timeout = 1,            -- seconds for one whole poll (connect, send, read)
     fall = 2,               -- consecutive failures before an APPO is unhealthy for an app
     rise = 2,               -- consecutive successes before it is healthy again
     stale_after = nil,      -- seconds without a successful poll before an APPO's data is stale
-    max_body = 4 * 1024 * 1024,
+    forget_after = 300,     -- seconds an app or APPO nobody asks about is remembered
+    max_body = 8 * 1024 * 1024,
 }
 
-local ok_cjson, cjson = pcall(require, "cjson.safe")
-if not ok_cjson then cjson = nil end
 local ok_upstream, upstream = pcall(require, "ngx.upstream")
 if not ok_upstream then upstream = nil end
 
 local function log(level, ...)
     ngx.log(level, "[container-healthcheck] ", ...)
+end
+
+-- At most one line per key per interval, across workers (the dict remembers who said it).
+local function log_limited(key, level, ...)
+    local dict = ngx.shared[conf.dict]
+    if dict:add("log:" .. key, true, conf.interval) then log(level, ...) end
+end
+
+local dict_full_said = false
+
+-- Every write is checked: a full zone evicts entries (health, the round lock) silently.
+local function dict_set(dict, key, value, exptime)
+    local ok, err, forcible = dict:set(key, value, exptime or 0)
+    if (not ok or forcible) and not dict_full_said then
+        dict_full_said = true
+        log(ngx.ERR, "lua_shared_dict ", conf.dict, " is full (", tostring(err or "evicting"),
+            "): give it about 200 bytes per app per APPO plus 100 per APPO, e.g. 10m for 500 apps x 50 APPOs")
+    end
+    return ok
 end
 
 function M.init(options)
@@ -45,56 +74,90 @@ function M.init(options)
     end
 end
 
--- The APPOs that serve an app: per-app config, the app's upstream, or the global list.
-local function appos_for(app)
-    local list = conf.apps[app]
-    if list then return list end
-    if conf.use_upstream_module and upstream and upstream.get_servers then
-        local servers = upstream.get_servers(app)
-        if servers and #servers > 0 then
-            local out = {}
-            for _, s in ipairs(servers) do out[#out + 1] = s.addr end
-            return out
-        end
-    end
-    return conf.appos
-end
-
-local function all_appos()
-    local seen, out = {}, {}
-    local function add(addr)
-        if not seen[addr] then seen[addr] = true; out[#out + 1] = addr end
-    end
-    for _, addr in ipairs(conf.appos) do add(addr) end
-    for _, list in pairs(conf.apps) do
-        for _, addr in ipairs(list) do add(addr) end
-    end
-    if conf.use_upstream_module and upstream and upstream.get_upstreams then
-        for _, name in ipairs(upstream.get_upstreams()) do
-            for _, s in ipairs(upstream.get_servers(name) or {}) do add(s.addr) end
-        end
-    end
-    return out
-end
-
 local function split_addr(addr)
     local host, port = addr:match("^%[?([^%]]+)%]?:(%d+)$")
     if not host then return addr, 80 end
     return host, tonumber(port)
 end
 
--- The apps the APPO says are healthy, from its /apps answer; nil, err when it could not say.
-local function healthy_apps(body)
-    if cjson then
-        local doc = cjson.decode(body)
-        if type(doc) ~= "table" or doc.code ~= 0 or type(doc.message) ~= "table" then
-            return nil, "unexpected /apps answer"
+-- Peers of an upstream as nginx has them: { {addr=, backup=} ... }, `down` servers left out,
+-- each address of a multi-address name a peer of its own. nil when there is no such upstream.
+local function upstream_peers(name)
+    if not (upstream and upstream.get_servers) then return nil end
+    local servers = upstream.get_servers(name)
+    if not servers then return nil end
+    local peers = {}
+    for _, s in ipairs(servers) do
+        if not s.down then
+            local addrs = type(s.addr) == "table" and s.addr or { s.addr }
+            for _, addr in ipairs(addrs) do
+                if type(addr) == "string" then peers[#peers + 1] = { addr = addr, backup = s.backup and true or false } end
+            end
         end
-        local set = {}
-        for _, app in ipairs(doc.message.healthy or {}) do set[app] = true end
-        return set
     end
-    -- Without cjson: the answer is compact JSON and app codes are [A-Za-z0-9_.-] only.
+    return peers
+end
+
+local function list_peers(list)
+    local peers = {}
+    for _, addr in ipairs(list) do peers[#peers + 1] = { addr = addr, backup = false } end
+    return peers
+end
+
+-- Per worker, refreshed every interval: get_servers() walks every upstream, which would make
+-- the request cost grow with the number of apps.
+local peers_cache = {}
+local peers_cache_size = 0
+
+-- The peers for a request and where they came from: "fixed" (apps), "own" (the app's own
+-- upstream), "shared" (shared_upstream) or "appos".
+local function peers_for(app, kind)
+    local key = kind .. "|" .. app
+    local now = ngx.now()
+    local cached = peers_cache[key]
+    if cached and now - cached.at < conf.interval then return cached.peers, cached.source end
+    local peers, source
+    if conf.apps[app] then
+        peers, source = list_peers(conf.apps[app]), "fixed"
+    elseif conf.use_upstream_module then
+        peers, source = upstream_peers(kind == "t" and (conf.test_prefix .. app) or app), "own"
+        if not peers and conf.shared_upstream then
+            peers, source = upstream_peers(conf.shared_upstream), "shared"
+        end
+    end
+    if not peers then
+        peers, source = list_peers(conf.appos), "appos"
+    end
+    if peers_cache_size > 10000 then peers_cache, peers_cache_size = {}, 0 end
+    if not cached then peers_cache_size = peers_cache_size + 1 end
+    peers_cache[key] = { peers = peers, source = source, at = now }
+    return peers, source
+end
+
+-- The request path tells the checker what to poll: the APPOs of an app upstream someone uses
+-- (p:<addr>), and that the app is in use (r:<app>). Names a client can invent (anything that
+-- fell back to the shared upstream or appos) never become keys: only nginx's own upstreams
+-- and the configured lists do.
+local learned_at = {}
+local function learn(app, peers, source)
+    if source ~= "own" and source ~= "shared" and source ~= "fixed" then return end
+    local marker = source == "shared" and "\0shared" or app
+    local now = ngx.now()
+    local last = learned_at[marker]
+    if last and now - last < conf.interval then return end
+    learned_at[marker] = now
+    local dict = ngx.shared[conf.dict]
+    if source ~= "shared" then dict_set(dict, "r:" .. app, now, conf.forget_after) end
+    if source ~= "fixed" then
+        for _, peer in ipairs(peers) do
+            dict_set(dict, "p:" .. peer.addr, now, conf.forget_after)
+        end
+    end
+end
+
+-- The healthy list of an /apps answer (compact JSON; app codes are [A-Za-z0-9_.-]), found
+-- without decoding the whole answer: it holds every app's containers.
+local function healthy_apps(body)
     if not body:find('^{"code":0,') then return nil, "unexpected /apps answer" end
     local list = body:match('"healthy":%[(.-)%]')
     if not list then return nil, "no healthy list in /apps answer" end
@@ -105,100 +168,193 @@ end
 
 local function poll(addr)
     local host, port = split_addr(addr)
-    local sock = ngx.socket.tcp()
-    sock:settimeouts(conf.timeout * 1000, conf.timeout * 1000, conf.timeout * 1000)
     local deadline = ngx.now() + conf.timeout
+    local sock = ngx.socket.tcp()
+    local function left_ms()
+        ngx.update_time()
+        return math.max(1, math.floor((deadline - ngx.now()) * 1000))
+    end
+    local function over() return ngx.now() >= deadline end
+    sock:settimeout(left_ms())
     local ok, err = sock:connect(host, port)
     if not ok then return nil, "connect: " .. tostring(err) end
     local request = "GET " .. conf.path .. " HTTP/1.0\r\nHost: " .. (conf.host_header or addr) ..
                     "\r\nUser-Agent: container-healthcheck-lua\r\nConnection: close\r\n\r\n"
+    sock:settimeout(left_ms())
     ok, err = sock:send(request)
     if not ok then sock:close(); return nil, "send: " .. tostring(err) end
+    sock:settimeout(left_ms())
     local status_line
     status_line, err = sock:receive("*l")
     if not status_line then sock:close(); return nil, "status: " .. tostring(err) end
     local status = tonumber(status_line:match("^HTTP/%d%.%d (%d%d%d)"))
     local length
     while true do
+        sock:settimeout(left_ms())
         local line
         line, err = sock:receive("*l")
         if not line then sock:close(); return nil, "headers: " .. tostring(err) end
         if line == "" then break end
         local value = line:match("^[Cc]ontent%-[Ll]ength:%s*(%d+)")
         if value then length = tonumber(value) end
-        if ngx.now() > deadline then sock:close(); return nil, "timeout" end
+        if over() then sock:close(); return nil, "timeout (whole poll)" end
     end
+    if status ~= 200 then sock:close(); return nil, "status " .. tostring(status) end
     if length and length > conf.max_body then sock:close(); return nil, "answer too large" end
-    local body
-    if length then
-        body, err = sock:receive(length)
-    else
-        body, err = sock:receive("*a")
+    -- The healthy list comes first in the answer: read until it ends, not the whole answer
+    -- (every app's containers: 300 KB for 500 apps, 50 times per round).
+    local body, size = "", 0
+    while not length or size < length do
+        sock:settimeout(left_ms())
+        local want = length and math.min(16384, length - size) or 16384
+        local chunk, rerr, partial = sock:receive(want)
+        chunk = chunk or partial
+        if chunk and #chunk > 0 then
+            body = body .. chunk
+            size = size + #chunk
+            if body:find('"healthy":%[[^%]]*%]') then break end
+        end
+        if not chunk or rerr then
+            if rerr == "closed" and not length then break end
+            sock:close()
+            return nil, "body: " .. tostring(rerr)
+        end
+        if size > conf.max_body then sock:close(); return nil, "answer too large" end
+        if over() then sock:close(); return nil, "timeout (whole poll)" end
     end
     sock:close()
-    if not body then return nil, "body: " .. tostring(err) end
-    if status ~= 200 then return nil, "status " .. tostring(status) end
     return healthy_apps(body)
 end
 
+-- When this worker last wrote each state (its TTL): a state that stays put is not rewritten
+-- every round, only often enough to keep it from expiring. Reset when it grows too big.
+local touched, touched_size = {}, 0
+
 -- Record one observation of app on addr, applying rise/fall. State: "healthy|streak|since".
-local function observe(dict, app, addr, passed, now)
+local function observe(dict, app, addr, passed, now, value)
     local key = "s:" .. app .. "|" .. addr
-    local value = dict:get(key)
-    local healthy, streak, since = true, 0, now
+    -- The steady state (same verdict, no streak) costs a read and no write.
+    if value and value:byte(1) == (passed and 49 or 48) and value:byte(3) == 48 and value:byte(4) == 124 then
+        local at = touched[key]
+        if at and now - at < conf.forget_after / 3 then return end
+        if not at then
+            if touched_size > 200000 then touched, touched_size = {}, 0 end
+            touched_size = touched_size + 1
+        end
+        touched[key] = now
+        dict:expire(key, conf.forget_after)
+        return
+    end
+    local healthy, streak, since
     if value then
         local h, s, t = value:match("^(%d)|(%-?%d+)|([%d.]+)$")
         healthy, streak, since = h == "1", tonumber(s), tonumber(t)
-    else
-        -- First sight: believe it at once, no threshold to cross yet.
-        healthy, streak = passed, 0
     end
-    if passed == healthy then
+    if healthy == nil then
+        healthy, streak, since = passed, 0, now  -- first sight: believe it at once
+    elseif passed == healthy then
         streak = 0
     else
         streak = streak + 1
-        local needed = healthy and conf.fall or conf.rise
-        if streak >= needed then
+        if streak >= (healthy and conf.fall or conf.rise) then
             healthy, streak, since = passed, 0, now
-            log(ngx.WARN, "app ", app, " on ", addr, " is now ", healthy and "healthy" or "UNHEALTHY")
+            log_limited("change:" .. app .. "|" .. addr, ngx.WARN, "app ", app, " on ", addr, " is now ",
+                        healthy and "healthy" or "UNHEALTHY")
         end
     end
-    dict:set(key, (healthy and "1" or "0") .. "|" .. streak .. "|" .. since)
+    dict_set(dict, key, (healthy and "1" or "0") .. "|" .. streak .. "|" .. since, conf.forget_after)
+    touched[key] = now
+end
+
+-- What the dict knows, from its one key scan per round.
+local function scan(dict)
+    local addrs, states, requested = {}, {}, {}
+    local byte, find, sub = string.byte, string.find, string.sub
+    for _, key in ipairs(dict:get_keys(0)) do
+        local first, second = byte(key, 1, 2)
+        if second == 58 then  -- ":"
+            if first == 115 then  -- "s:<app>|<addr>"
+                local bar = find(key, "|", 3, true)
+                if bar then
+                    local addr = sub(key, bar + 1)
+                    local apps = states[addr]
+                    if not apps then apps = {}; states[addr] = apps end
+                    apps[sub(key, 3, bar - 1)] = true
+                end
+            elseif first == 112 then  -- "p:<addr>"
+                addrs[sub(key, 3)] = true
+            elseif first == 114 then  -- "r:<app>"
+                requested[sub(key, 3)] = true
+            end
+        end
+    end
+    return addrs, states, requested
+end
+
+local function configured_appos()
+    local seen, out = {}, {}
+    local function add(addr)
+        if not seen[addr] then seen[addr] = true; out[#out + 1] = addr end
+    end
+    for _, addr in ipairs(conf.appos) do add(addr) end
+    for _, list in pairs(conf.apps) do
+        for _, addr in ipairs(list) do add(addr) end
+    end
+    return out, seen
 end
 
 local function check_round(premature)
     if premature then return end
     local dict = ngx.shared[conf.dict]
-    -- One worker per round: the lock expires a little before the next round.
+    -- One worker per round: the lock expires a little before the next round, and a poll's
+    -- total deadline (timeout < interval) ends it before that.
     if not dict:add("lock:round", true, conf.interval * 0.9) then return end
-    local addrs = all_appos()
+    ngx.update_time()
+    local started_wall, started_cpu = ngx.now(), os.clock()
+    local learned, states, requested = scan(dict)
+    local scan_cpu = os.clock() - started_cpu
+    local addrs, seen = configured_appos()
+    for addr in pairs(learned) do
+        if not seen[addr] then seen[addr] = true; addrs[#addrs + 1] = addr end
+    end
     local threads = {}
     for i, addr in ipairs(addrs) do
         threads[i] = ngx.thread.spawn(poll, addr)
     end
-    local now = ngx.now()
     for i, addr in ipairs(addrs) do
-        local _, healthy, err = ngx.thread.wait(threads[i])
-        dict:set("t:" .. addr, now)
+        local ok, healthy, err = ngx.thread.wait(threads[i])
+        if not ok then healthy, err = nil, "poll failed: " .. tostring(healthy) end
+        local now = ngx.now()
         if healthy then
-            dict:set("ok:" .. addr, now)
+            dict_set(dict, "ok:" .. addr, now, conf.forget_after)
             dict:delete("err:" .. addr)
         else
-            dict:set("err:" .. addr, tostring(err))
-            log(ngx.WARN, "poll of ", addr, " failed: ", tostring(err))
+            dict_set(dict, "err:" .. addr, tostring(err), conf.forget_after)
+            log_limited("poll:" .. addr, ngx.WARN, "poll of ", addr, " failed: ", tostring(err))
         end
-        -- Every app this APPO serves: known apps plus the ones it reports.
+        -- Apps to observe here: the ones it reports healthy; every one known here that is
+        -- healthy or still in use (an unhealthy one nobody asks for expires); the fixed ones.
         local apps = {}
         for app in pairs(healthy or {}) do apps[app] = true end
-        for _, key in ipairs(dict:get_keys(0)) do
-            local app, a = key:match("^s:(.+)|(.+)$")
-            if app and a == addr then apps[app] = true end
+        for app, list in pairs(conf.apps) do
+            for _, a in ipairs(list) do if a == addr then apps[app] = true end end
         end
-        for app in pairs(conf.apps) do apps[app] = true end
+        local known = states[addr] or {}
+        for app in pairs(known) do
+            local value = dict:get("s:" .. app .. "|" .. addr)
+            if value and (apps[app] or requested[app] or value:sub(1, 1) == "1") then
+                observe(dict, app, addr, healthy ~= nil and healthy[app] == true, now, value)
+                apps[app] = nil
+            end
+        end
         for app in pairs(apps) do
-            observe(dict, app, addr, healthy ~= nil and healthy[app] == true, now)
+            observe(dict, app, addr, healthy ~= nil and healthy[app] == true, now, nil)
         end
     end
+    ngx.update_time()
+    -- What the last round cost this worker (CPU includes any request it served meanwhile).
+    dict_set(dict, "stat:round", string.format('{"appos":%d,"wall_ms":%.1f,"cpu_ms":%.1f,"scan_ms":%.1f,"at":%.3f}',
+        #addrs, (ngx.now() - started_wall) * 1000, (os.clock() - started_cpu) * 1000, scan_cpu * 1000, ngx.now()))
 end
 
 function M.init_worker()
@@ -216,36 +372,85 @@ local function usable(dict, app, addr, now)
 end
 
 local rr = {}
+local rr_size = 0
 
--- balancer_by_lua: choose the peer for this try.
-function M.balance(app)
+local choices, choices_size = {}, 0
+local CHOICE_TTL = 0.25  -- seconds a worker reuses its reading of the dict for an app
+
+-- Which peers app may use now: (candidates, known healthy). Read from the dict at most every
+-- CHOICE_TTL per worker, so a request costs a table lookup however big the dict is.
+local function candidates_for(app, kind, now)
+    local key = kind .. "|" .. app
+    local cached = choices[key]
+    if cached and now - cached.at < CHOICE_TTL then return cached.candidates, cached.known end
+    local dict = ngx.shared[conf.dict]
+    local peers, source = peers_for(app, kind)
+    learn(app, peers, source)
+    local primary, backup, all = {}, {}, {}
+    for _, peer in ipairs(peers) do
+        if not peer.backup then all[#all + 1] = peer.addr end
+        if usable(dict, app, peer.addr, now) then
+            local list = peer.backup and backup or primary
+            list[#list + 1] = peer.addr
+        end
+    end
+    local candidates = #primary > 0 and primary or backup
+    local known = #candidates > 0
+    if not known then
+        if #all == 0 then
+            for _, peer in ipairs(peers) do all[#all + 1] = peer.addr end
+        end
+        candidates = all
+        if #candidates == 0 then
+            log_limited("nopeer", ngx.ERR, "no APPO at all for app ", app, " (", kind, "): check its upstream")
+        else
+            log_limited(source == "own" and ("open:" .. app) or "open:*", ngx.WARN, "no APPO known healthy for app ",
+                        app, ": failing open to all ", #candidates)
+        end
+    end
+    if not cached then
+        if choices_size > 10000 then choices, choices_size = {}, 0 end
+        choices_size = choices_size + 1
+    end
+    choices[key] = { at = now, candidates = candidates, known = known }
+    return candidates, known
+end
+
+-- The peers a request for app may use, in order, and where to start: healthy primaries,
+-- else healthy backups, else (failing open) every primary. No socket, no key scan.
+function M.choose(app, kind)
+    local candidates, known = candidates_for(app, kind, ngx.now())
+    if #candidates == 0 then return nil end
+    -- Round-robin state only for apps the checker knows healthy somewhere; the rest start
+    -- at random (no table that grows with every app name a client invents).
+    local start
+    if known then
+        if not rr[app] then
+            if rr_size > 10000 then rr, rr_size = {}, 0 end
+            rr_size = rr_size + 1
+        end
+        start = (rr[app] or 0) % #candidates
+        rr[app] = start + 1
+    else
+        start = math.random(#candidates) - 1
+    end
+    return candidates, start
+end
+
+-- balancer_by_lua: set the peer for this try. kind: "o" (default) or "t" for /t/ routes.
+function M.balance(app, kind)
     local ctx = ngx.ctx
     local candidates = ctx.chc_candidates
     if not candidates then
-        local dict = ngx.shared[conf.dict]
-        local now = ngx.now()
-        local appos = appos_for(app or "")
-        candidates = {}
-        for _, addr in ipairs(appos) do
-            if usable(dict, app, addr, now) then candidates[#candidates + 1] = addr end
-        end
-        if #candidates == 0 then
-            candidates = appos
-            log(ngx.WARN, "no APPO known healthy for app ", tostring(app), ": failing open to all ", #appos)
-        end
-        if #candidates == 0 then
-            return ngx.exit(ngx.ERROR)
-        end
-        local start = (rr[app] or 0) % #candidates
-        rr[app] = start + 1
+        local start
+        candidates, start = M.choose(app or "", kind or "o")
+        if not candidates then return ngx.exit(ngx.ERROR) end
         ctx.chc_candidates = candidates
         ctx.chc_next = start
-        ctx.chc_tries = 0
         if #candidates > 1 then balancer.set_more_tries(#candidates - 1) end
     end
     local addr = candidates[ctx.chc_next % #candidates + 1]
     ctx.chc_next = ctx.chc_next + 1
-    ctx.chc_tries = ctx.chc_tries + 1
     local host, port = split_addr(addr)
     local ok, err = balancer.set_current_peer(host, port)
     if not ok then log(ngx.ERR, "set_current_peer ", addr, ": ", err) end
@@ -260,23 +465,32 @@ end
 -- content_by_lua: the shared dict as JSON, for operators.
 function M.status()
     local dict = ngx.shared[conf.dict]
-    local apps, appos = {}, {}
+    local apps, appos, polled = {}, {}, {}
     for _, key in ipairs(dict:get_keys(0)) do
-        local app, addr = key:match("^s:(.+)|(.+)$")
-        if app then
-            local h, streak, since = dict:get(key):match("^(%d)|(%-?%d+)|([%d.]+)$")
-            apps[app] = apps[app] or {}
-            apps[app][#apps[app] + 1] = string.format('%s:{"healthy":%s,"streak":%s,"last_change":%s}',
-                json_string(addr), h == "1" and "true" or "false", streak, since)
+        local kind, rest = key:sub(1, 2), key:sub(3)
+        if kind == "s:" then
+            local app, addr = rest:match("^(.+)|(.+)$")
+            local value = dict:get(key)
+            local h, streak, since = (value or ""):match("^(%d)|(%-?%d+)|([%d.]+)$")
+            if app and h then
+                apps[app] = apps[app] or {}
+                apps[app][#apps[app] + 1] = string.format('%s:{"healthy":%s,"streak":%s,"last_change":%s}',
+                    json_string(addr), h == "1" and "true" or "false", streak, since)
+                polled[addr] = true
+            end
+        elseif kind == "p:" then
+            polled[rest] = true
         end
     end
+    for _, addr in ipairs(configured_appos()) do polled[addr] = true end
     local now = ngx.now()
-    for _, addr in ipairs(all_appos()) do
+    for addr in pairs(polled) do
         local ok_at = dict:get("ok:" .. addr)
+        local err = dict:get("err:" .. addr)
         appos[#appos + 1] = string.format('%s:{"last_ok":%s,"fresh":%s,"error":%s}', json_string(addr),
             ok_at and tostring(ok_at) or "null",
             (ok_at and now - ok_at <= conf.stale_after) and "true" or "false",
-            dict:get("err:" .. addr) and json_string(dict:get("err:" .. addr)) or "null")
+            err and json_string(err) or "null")
     end
     local parts = {}
     for app, entries in pairs(apps) do
@@ -285,6 +499,7 @@ function M.status()
     ngx.header["Content-Type"] = "application/json"
     ngx.header["Cache-Control"] = "no-store"
     ngx.say('{"now":', now, ',"interval":', conf.interval, ',"fall":', conf.fall, ',"rise":', conf.rise,
+            ',"last_round":', dict:get("stat:round") or "null",
             ',"appos":{', table.concat(appos, ","), '},"apps":{', table.concat(parts, ","), '}}')
 end
 
