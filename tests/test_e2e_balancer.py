@@ -81,6 +81,8 @@ http {
         listen %(ip)s:%(ngx)d;
         location /container-healthcheck { proxy_pass http://%(ip)s:%(hc)d; proxy_connect_timeout 1s; proxy_read_timeout 7s; }
         location /o/ { proxy_pass http://%(ip)s:9000; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
+        # /t/<app>/: the same app, as an APPT (test-mode host) serves it
+        location /t/ { proxy_pass http://%(ip)s:9000/o/; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
     }
 }
 """ % {"ip": self.ip, "ngx": self.ngx_port, "hc": self.hc_port})
