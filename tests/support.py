@@ -181,3 +181,23 @@ def parse_logfmt(line):
         fields[key] = json.loads(value) if value.startswith('"') else value
         at = match.end()
     return fields
+
+
+class FakeClock(object):
+    """A clock a test moves by hand, for modules that take clock=."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def until(condition, timeout_s=5.0):
+    """Wait for something another thread does; falsy if it never happens (the test fails)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()

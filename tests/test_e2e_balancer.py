@@ -500,6 +500,12 @@ class Counter(object):
         self._sock.close()
 
 
+def _openresty_modules():
+    """load_module lines for lua-nginx-module and OpenResty's ngx.upstream (after lua)."""
+    return ("load_module %s/ndk_http_module.so;\nload_module %s/ngx_http_lua_module.so;\nload_module %s;\n"
+            % (NGINX_MODULES, NGINX_MODULES, os.path.abspath(UPSTREAM_MODULE)))
+
+
 def _run_nginx_with_hosts(conf, hosts_text, workdir):
     """The entry Nginx in its own mount namespace whose /etc/hosts maps BOTH_NAME to both
     APPOs: a server name that resolves to several addresses, as CentOS 7's localhost does."""
@@ -545,8 +551,7 @@ def bk_entry(cluster):
         handle.write(paas_conf)
     conf = os.path.join(workdir, "bkentry.conf")
     with open(conf, "w") as handle:
-        handle.write("load_module %s/ndk_http_module.so;\nload_module %s/ngx_http_lua_module.so;\n"
-                     "load_module %s;\n" % (NGINX_MODULES, NGINX_MODULES, os.path.abspath(UPSTREAM_MODULE)))
+        handle.write(_openresty_modules())
         handle.write(_nginx_main(workdir, "bkentry").replace("warn;", "info;"))
         handle.write(nginx_conf)
     proc = _run_nginx_with_hosts(conf, "127.0.0.1 localhost\n%s %s\n%s %s\n" % (
@@ -671,8 +676,7 @@ http {
         handle.write(paas_conf)
     conf = os.path.join(workdir, "bk5.conf")
     with open(conf, "w") as handle:
-        handle.write("load_module %s/ndk_http_module.so;\nload_module %s/ngx_http_lua_module.so;\n"
-                     "load_module %s;\n" % (NGINX_MODULES, NGINX_MODULES, os.path.abspath(UPSTREAM_MODULE)))
+        handle.write(_openresty_modules())
         handle.write(_nginx_main(workdir, "bk5"))
         handle.write(nginx_conf)
     proc = _run_nginx(conf)

@@ -4,28 +4,11 @@ import time
 
 from healthcheck.models import ProbeResult
 from healthcheck.prober import Prober
-
-
-class FakeClock(object):
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from support import FakeClock, until
 
 
 def ok(app):
     return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
-
-
-def until(condition, timeout_s=5.0):
-    """Wait for something the prober's own threads do; the test fails if it never happens."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def make(probe, clock=None, **kwargs):
@@ -102,7 +85,9 @@ def test_a_probe_that_returns_garbage_is_unhealthy():
         prober.stop()
 
 
-def test_new_container_is_probed_at_once_and_the_previous_result_stands_meanwhile():
+def first_ok_then_blocked(later):
+    """A probe whose first call answers ok and whose later calls wait for `release`, then
+    return later(app): (probe, calls, release)."""
     release = threading.Event()
     calls = []
 
@@ -110,8 +95,13 @@ def test_new_container_is_probed_at_once_and_the_previous_result_stands_meanwhil
         calls.append(app)
         if len(calls) > 1:
             release.wait(10)
-            return ProbeResult(False, "u", 502, None)
+            return later(app)
         return ok(app)
+    return probe, calls, release
+
+
+def test_new_container_is_probed_at_once_and_the_previous_result_stands_meanwhile():
+    probe, calls, release = first_ok_then_blocked(lambda app: ProbeResult(False, "u", 502, None))
     clock = FakeClock()
     prober = make(probe, clock, ttl_s=60)
     try:
@@ -128,14 +118,7 @@ def test_new_container_is_probed_at_once_and_the_previous_result_stands_meanwhil
 
 
 def test_an_old_result_does_not_stand_for_a_new_container():
-    release = threading.Event()
-    calls = []
-
-    def probe(app):
-        calls.append(app)
-        if len(calls) > 1:
-            release.wait(10)
-        return ok(app)
+    probe, calls, release = first_ok_then_blocked(ok)
     clock = FakeClock()
     prober = make(probe, clock, ttl_s=1)
     try:

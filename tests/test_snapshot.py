@@ -8,6 +8,7 @@ import pytest
 
 from healthcheck.errors import DockerTimeout, DockerUnreachable
 from healthcheck.snapshot import Snapshotter
+from support import FakeClock, until
 
 
 class Fetch(object):
@@ -29,21 +30,6 @@ class Fetch(object):
         return ["list %d" % n]
 
 
-class FakeClock(object):
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def until(condition, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 @pytest.fixture
