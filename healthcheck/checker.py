@@ -18,10 +18,12 @@ class Checker(object):
     prober: a Prober (or None when probing is off); probe_wait_s: how long a per-app check
     may wait for its own app's first probe. observe(report, exists): called when an app's
     report changes (verdict logging); exists says whether the app has containers at all.
+    drains: a DrainWatcher (for_app(app) -> Drain or None), or None.
     """
 
-    def __init__(self, snapshotter, pattern, prober=None, probe_wait_s=0.0, observe=None):
+    def __init__(self, snapshotter, pattern, prober=None, probe_wait_s=0.0, observe=None, drains=None):
         self._snapshotter = snapshotter
+        self._drains = drains
         self._pattern = pattern
         self._prober = prober
         self._probe_wait_s = probe_wait_s
@@ -68,7 +70,7 @@ class Checker(object):
                 if app not in known:
                     continue
                 probe = known[app][0]
-            reports.append(verdict.decide(app, matches, False, probe))
+            reports.append(verdict.decide(app, matches, False, probe, self._drain_for(app)))
         return reports
 
     def probe_ages(self):
@@ -95,12 +97,16 @@ class Checker(object):
                 memo[app] = selection
         return selection
 
+    def _drain_for(self, app):
+        return self._drains.for_app(app) if self._drains is not None else None
+
     def _report(self, app, include_all, matches, probe, memo):
         key = (app, include_all)
+        drain = self._drain_for(app)
         cached = memo.get(key)
-        if cached is not None and cached[0] == probe:
+        if cached is not None and cached[0] == probe and cached[1].drain == drain:
             return cached[1]
-        report = verdict.decide(app, matches, include_all, probe)
+        report = verdict.decide(app, matches, include_all, probe, drain)
         if self._observe is not None:
             self._observe(report, bool(matches))
         if len(memo) < _MEMO_MAX:

@@ -3,10 +3,12 @@ import logging
 import os
 import shutil
 import sys
+import time
 
 from healthcheck import __version__, logs
 from healthcheck.checker import Checker
 from healthcheck.config import parse_args
+from healthcheck import drain
 from healthcheck.docker import DockerCLI
 from healthcheck.errors import HealthcheckError, InvalidInput
 from healthcheck.events import EventsWatcher
@@ -29,6 +31,7 @@ class Service(object):
     def __init__(self, args, metrics, refresh_s, max_stale_s, probe_ttl_s=2.0, probe_workers=1,
                  events=False, safety_refresh_s=60.0, probe_wait_s=None):
         self.metrics = metrics
+        self.drains = drain.DrainWatcher(drain.state_path(args.state_dir))
         self.docker = DockerCLI(args.docker_bin, args.docker_timeout, env=os.environ,
                                 observe=metrics.docker_call)
         self.snapshotter = Snapshotter(self.docker.list_containers, refresh_s, max_stale_s,
@@ -36,7 +39,7 @@ class Service(object):
         self.prober = _make_prober(args, metrics, probe_ttl_s, probe_workers) if args.ngx_port else None
         self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), prober=self.prober,
                                probe_wait_s=args.probe_timeout if probe_wait_s is None else probe_wait_s,
-                               observe=VerdictLog())
+                               observe=VerdictLog(), drains=self.drains)
         self.events = EventsWatcher(self.docker, self.snapshotter.invalidate, metrics,
                                     on_up=self.snapshotter.set_events_up) if events else None
         metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
@@ -125,8 +128,56 @@ def check(args):
     return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
 
 
+# Seconds the running service may take to see a new state file (DrainWatcher checks every 0.5 s).
+_PICKUP_S = 1.0
+
+
+def maintain(args):
+    """drain / undrain: write the state file (atomically) that every running instance on this
+    host reads; optionally wait until the entry balancer can have acted on it."""
+    logs.configure("warning", None)
+    try:
+        for app in args.app:
+            validate_app_code(app)
+    except InvalidInput as exc:
+        sys.stderr.write("container-healthcheck %s: %s\n" % (args.command, exc))
+        return EXIT_UNKNOWN
+    path = drain.state_path(args.state_dir)
+    state, problem = drain.load(path)
+    if problem:
+        sys.stderr.write("container-healthcheck %s: %s; starting from an empty state\n" % (args.command, problem))
+    if args.command == "drain":
+        state.drain(args.app, args.reason, time.time())
+    else:
+        state.undrain(args.app)
+    try:
+        drain.save(path, state)
+    except OSError as exc:
+        sys.stderr.write("container-healthcheck %s: cannot write %s: %s (run it as root or as the "
+                         "container-healthcheck user)\n" % (args.command, path, exc.strerror or exc))
+        return EXIT_UNKNOWN
+    what = ", ".join(args.app) if args.app else ("this host (all apps)" if args.command == "drain" else "everything")
+    print("%s: %s" % ("drained" if args.command == "drain" else "undrained", what))
+    print("now drained: %s" % (", ".join("%s (%s)" % ("all apps" if app == drain.ALL_APPS else app, d.describe())
+                                         for app, d in sorted(state.drains.items())) or "nothing"))
+    if args.wait:
+        rounds = (args.entry_fall if args.command == "drain" else args.entry_rise) + 1
+        seconds = _PICKUP_S + args.entry_interval * rounds
+        print("waiting %.1f s: the service sees the file within %.1f s, then the entry balancer needs %d polls "
+              "%.1f s apart (%s %d, plus the poll under way)" % (
+                  seconds, _PICKUP_S, rounds, args.entry_interval,
+                  "fall" if args.command == "drain" else "rise", rounds - 1))
+        sys.stdout.flush()
+        time.sleep(seconds)
+        print("done: the entry balancer %s" % ("sends no new requests here" if args.command == "drain"
+                                                else "can send requests here again"))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "check":
         return check(args)
+    if args.command in ("drain", "undrain"):
+        return maintain(args)
     return serve(args)

@@ -10,6 +10,8 @@ from healthcheck.errors import ConfigError
 DEFAULT_NAME_PATTERN = "{app}-?[0-9]{10}"
 # What the APPO Nginx answers when the app behind it is down.
 DEFAULT_BAD_STATUSES = (502, 503, 504)
+# Where `drain` keeps its state (the RPM creates it, owned by the service user).
+DEFAULT_STATE_DIR = "/var/lib/container-healthcheck"
 
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9_.~-]+)*")
 
@@ -106,6 +108,12 @@ def _add_common(parser):
     add("--probe-timeout", type=_positive_float, default=2.0, help="probe deadline in seconds (default 2)")
     add("--probe-bad-status", type=_statuses, default=DEFAULT_BAD_STATUSES,
         help="probe statuses that mean the app is down (default 502,503,504)")
+    _add_state_dir(parser)
+
+
+def _add_state_dir(parser):
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="folder of the drain state file (default %(default)s)")
 
 
 def build_parser():
@@ -143,6 +151,22 @@ def build_parser():
     check.add_argument("app_code")
     check.add_argument("--all", action="store_true", help="list non-running containers too")
     _add_common(check)
+
+    for name, words in (("drain", "take this host (or --app APPs on it) out of every balancer before maintenance"),
+                        ("undrain", "put this host (or --app APPs) back; without --app, undo every drain")):
+        maintenance = commands.add_parser(name, allow_abbrev=False, help=words, description=words)
+        add = maintenance.add_argument
+        add("--app", action="append", default=[], metavar="APP",
+            help="an app code (repeat for several); none: the whole host")
+        if name == "drain":
+            add("--reason", default="", help="why, shown in every answer while drained")
+        add("--wait", action="store_true",
+            help="return once the entry balancer can have seen it (interval x (fall or rise + 1), plus pickup)")
+        add("--entry-interval", type=_positive_float, default=2.0,
+            help="the entry balancer's poll interval in seconds (Lua default 2)")
+        add("--entry-fall", type=_count, default=2, help="the entry balancer's fall (Lua default 2)")
+        add("--entry-rise", type=_count, default=2, help="the entry balancer's rise (Lua default 2)")
+        _add_state_dir(maintenance)
     return parser
 
 

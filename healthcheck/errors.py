@@ -12,6 +12,7 @@ CODE_INVALID_INPUT = 13
 CODE_NO_ROUTE = 14
 CODE_FORBIDDEN = 15
 CODE_INTERNAL = 16  # a bug in this service, answered 500: never "docker failed"
+CODE_DRAINING = 17  # drained on purpose by an operator (planned maintenance), answered 503
 
 
 class HealthcheckError(Exception):

@@ -88,10 +88,15 @@ class _StateCollector(object):
         yield age
         health = GaugeMetricFamily("healthcheck_app_healthy", "1 when the app's health check passes",
                                    labels=["app"])
+        draining = GaugeMetricFamily("healthcheck_app_draining", "1 while an operator drains the app on this host",
+                                     labels=["app"])
         if m._app_reports is not None:
             for report in m._app_reports():
                 health.add_metric([report.app], 1 if report.healthy else 0)
+                if report.drain is not None:
+                    draining.add_metric([report.app], 1)
         yield health
+        yield draining
         ages = GaugeMetricFamily("healthcheck_app_probe_age_seconds",
                                  "seconds since the app's last probe finished", labels=["app"])
         if m._probe_ages is not None:

@@ -89,14 +89,15 @@ class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error")):
         return out
 
 
-_REPORT_FIELDS = "app healthy reason chosen containers probe"
+_REPORT_FIELDS = "app healthy reason chosen containers probe drain"
 
 
 class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
     """The verdict for one app. A result, not an exception: unhealthy is an answer.
 
     chosen: the Container whose object is the answer's message when healthy;
-    containers: the matches listed in the answer; probe: ProbeResult or None.
+    containers: the matches listed in the answer; probe: ProbeResult or None; drain: the
+    operator's Drain when this app is drained on this host, else None.
     """
 
     __slots__ = ()
@@ -105,12 +106,17 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
         """The wire answer: {code, status, message, containers[, probe]}."""
         if self.healthy:
             envelope = ok_envelope(self.chosen.to_dict())
+        elif self.drain is not None:
+            envelope = error_envelope(errors.CODE_DRAINING, self.reason)
         else:
             envelope = error_envelope(errors.CODE_UNHEALTHY, self.reason)
         envelope["containers"] = [c.to_dict() for c in self.containers]
         if self.probe is not None:
             envelope["probe"] = self.probe.to_dict()
         return envelope
+
+
+HealthReport.__new__.__defaults__ = (None,)  # drain
 
 
 def ok_envelope(message):

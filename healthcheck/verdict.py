@@ -20,15 +20,19 @@ def pick_serving(matches):
     return None
 
 
-def decide(app, matches, include_all=False, probe=None):
+def decide(app, matches, include_all=False, probe=None, drain=None):
     """Build the HealthReport.
 
     matches: every container of the app; probe: the ProbeResult for the serving
-    container, or None when probing is off or nothing serves.
+    container, or None when probing is off or nothing serves; drain: the operator's Drain
+    for this app on this host, which makes it not healthy whatever its containers say.
     """
     ordered = newest_first(matches)
     listed = ordered if include_all else [c for c in ordered if c.state in LISTED_STATES]
     chosen = pick_serving(ordered)
+    if drain is not None:
+        return HealthReport(app, False, "%s (app %s on this host)" % (drain.describe(), app), chosen, listed,
+                            probe, drain)
     if chosen is None:
         return HealthReport(app, False, _why_nothing_serves(app, ordered), None, listed, None)
     if probe is not None and probe.is_pending:

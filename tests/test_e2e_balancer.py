@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -44,6 +45,8 @@ class Appo(object):
         self.env = dict(os.environ, DOCKER_HOST=host)
         self.service = None
         self.nginx = None
+        self.state_dir = os.path.join(workdir, "state-%s" % self.label)
+        self.access_log = os.path.join(workdir, "%s-access.log" % self.label)
 
     def docker(self, *args, check=True):
         proc = subprocess.run(["docker"] + list(args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -62,7 +65,7 @@ class Appo(object):
 
     def start_service(self):
         self.service = Service("--bind", self.ip, "--allow", "127.0.0.0/8", "--ngx-host", self.ip,
-                               "--ngx-port", str(self.ngx_port), "--probe-ttl", "0.5",
+                               "--ngx-port", str(self.ngx_port), "--probe-ttl", "0.5", "--state-dir", self.state_dir,
                                env={"DOCKER_HOST": self.env["DOCKER_HOST"]}, port=self.hc_port, host=self.ip,
                                log_path=os.path.join(self.workdir, "hc-%s.log" % self.label)).start()
 
@@ -76,7 +79,9 @@ class Appo(object):
         with open(conf, "w") as handle:
             handle.write(_nginx_main(self.workdir, self.label) + """
 http {
-    access_log off;
+    # Who reached this APPO: user traffic (through the entry) and probes tell apart by agent.
+    log_format chc '$remote_addr "$request" $status "$http_user_agent"';
+    access_log %(log)s chc;
     server {
         listen %(ip)s:%(ngx)d;
         location /container-healthcheck { proxy_pass http://%(ip)s:%(hc)d; proxy_connect_timeout 1s; proxy_read_timeout 7s; }
@@ -85,8 +90,17 @@ http {
         location /t/ { proxy_pass http://%(ip)s:9000/o/; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
     }
 }
-""" % {"ip": self.ip, "ngx": self.ngx_port, "hc": self.hc_port})
+""" % {"ip": self.ip, "ngx": self.ngx_port, "hc": self.hc_port, "log": self.access_log})
         self.nginx = _run_nginx(conf)
+
+    def user_requests_since(self, offset):
+        """Requests for the app that came from clients (not the probe) after byte offset."""
+        with open(self.access_log) as handle:
+            handle.seek(offset)
+            return [line for line in handle if "/o/%s" % APP in line and "Python-urllib" in line]
+
+    def access_log_size(self):
+        return os.path.getsize(self.access_log) if os.path.exists(self.access_log) else 0
 
 
 def _nginx_main(workdir, label):
@@ -225,6 +239,8 @@ def healthy(cluster):
         elif state != "running":
             appo.docker("start", NAME)
         appo.docker("exec", NAME, "rm", "-f", "/tmp/sick", check=False)
+        if os.path.exists(os.path.join(appo.state_dir, "drain.json")):
+            os.unlink(os.path.join(appo.state_dir, "drain.json"))
         if appo.service is None:
             appo.start_service()
     assert wait_for(lambda: served_by(observe(cluster, 1.5)) == {"appo2", "appo3"}, 40), \
@@ -339,13 +355,12 @@ def _haproxy_stat(sock_path):
     return status
 
 
-def test_6_haproxy_httpchk_marks_the_server_down(healthy):
-    cluster = healthy
-    _need("haproxy")
+def _start_haproxy(cluster):
+    """HAProxy with httpchk against both APPOs; returns (process, stats socket path)."""
     appo2, appo3 = cluster["appos"]
     workdir = cluster["workdir"]
-    sock_path = os.path.join(workdir, "haproxy.sock")
-    conf = os.path.join(workdir, "haproxy.cfg")
+    sock_path = os.path.join(workdir, "haproxy-%d.sock" % free_port())
+    conf = sock_path.replace(".sock", ".cfg")
     with open(conf, "w") as handle:
         handle.write("""
 global
@@ -366,13 +381,65 @@ backend %(app)s
     server appo3 %(b)s check
 """ % {"sock": sock_path, "port": free_port(), "app": APP, "a": appo2.addr, "b": appo3.addr})
     proc = subprocess.Popen(["haproxy", "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: os.path.exists(sock_path) and _haproxy_stat(sock_path) == {"appo2": "UP", "appo3": "UP"}, 15), \
+        _haproxy_stat(sock_path) if os.path.exists(sock_path) else "no socket"
+    return proc, sock_path
+
+
+def test_6_haproxy_httpchk_marks_the_server_down(healthy):
+    _need("haproxy")
+    appo2 = healthy["appos"][0]
+    proc, sock_path = _start_haproxy(healthy)
     try:
-        assert wait_for(lambda: os.path.exists(sock_path) and _haproxy_stat(sock_path) == {"appo2": "UP", "appo3": "UP"}, 15), \
-            _haproxy_stat(sock_path) if os.path.exists(sock_path) else "no socket"
         appo2.docker("kill", NAME)
         assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "DOWN", 10), _haproxy_stat(sock_path)
         assert _haproxy_stat(sock_path)["appo3"] == "UP"
         appo2.docker("start", NAME)
+        assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "UP", 15), _haproxy_stat(sock_path)
+    finally:
+        _stop(proc)
+
+
+def _maintenance(appo, command, *args):
+    """`container-healthcheck drain|undrain` as an operator runs it on that APPO host."""
+    done = subprocess.run([sys.executable, "-m", "healthcheck", command, "--state-dir", appo.state_dir] + list(args),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout
+    return done.stdout
+
+
+def test_12_drain_before_maintenance_loses_no_request(healthy):
+    cluster = healthy
+    appo2 = cluster["appos"][0]
+    said = _maintenance(appo2, "drain", "--reason", "kernel update", "--wait",
+                        "--entry-interval", str(INTERVAL), "--entry-fall", str(FALL))
+    assert "waiting" in said and "sends no new requests here" in said
+    drained, offset = time.monotonic(), appo2.access_log_size()
+    appo2.docker("stop", "-t", "1", NAME)  # the maintenance itself
+    time.sleep(WINDOW + 2)
+    after = cluster["traffic"].since(drained)
+    assert len(after) > 20
+    assert not failures(after), failures(after)[:5]  # zero failed requests, not even one retry away
+    assert served_by(after) == {"appo3"}
+    # Not even a request retried elsewhere: none reached the drained APPO once the wait ended.
+    assert appo2.user_requests_since(offset) == []
+    appo2.docker("start", NAME)
+    said = _maintenance(appo2, "undrain", "--wait", "--entry-interval", str(INTERVAL), "--entry-rise", str(RISE))
+    back = time.monotonic()
+    assert wait_for(lambda: "appo2" in served_by(cluster["traffic"].since(back)), INTERVAL * RISE + 8)
+    assert not failures(cluster["traffic"].since(drained))
+
+
+def test_13_haproxy_marks_a_drained_server_down(healthy):
+    _need("haproxy")
+    appo2 = healthy["appos"][0]
+    proc, sock_path = _start_haproxy(healthy)
+    try:
+        _maintenance(appo2, "drain", "--reason", "disk swap")
+        assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "DOWN", 10), _haproxy_stat(sock_path)
+        assert _haproxy_stat(sock_path)["appo3"] == "UP"
+        _maintenance(appo2, "undrain")
         assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "UP", 15), _haproxy_stat(sock_path)
     finally:
         _stop(proc)

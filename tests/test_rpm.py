@@ -79,6 +79,8 @@ def test_files(rpms):
     assert "/etc/sysconfig/container-healthcheck" in config
     dump = run("rpm", "-qp", "--qf", "[%{FILENAMES} %{FILEUSERNAME} %{FILEMODES:perms}\n]", rpms["current"])
     assert "/var/log/container-healthcheck container-healthcheck drwxr-x---" in dump
+    # the drain state: writable by the service user (and root) only
+    assert "/var/lib/container-healthcheck container-healthcheck drwxr-xr-x" in dump
 
 
 def test_requires(rpms):

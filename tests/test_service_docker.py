@@ -403,3 +403,49 @@ def test_what_go_tool_users_relied_on_against_the_running_service(docker_engine,
         assert {"time", "level", "msg"} <= set(fields), line
     assert any(parse_logfmt(l).get("msg") == "GET /container-healthcheck/apps/health/%s?_=1709878117" % app
                and parse_logfmt(l).get("status") == "200" for l in lines), lines[-10:]
+
+
+def _maintenance(*args):
+    return subprocess.run([sys.executable, "-m", "healthcheck"] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+
+
+def _code_of(svc, app, code, timeout_s=5):
+    return wait_for(lambda: (lambda r: r if r[1]["code"] == code else None)(status_of(svc, app)), timeout_s) \
+        or status_of(svc, app)
+
+
+def test_drain_an_app_then_the_host_across_a_restart_and_a_corrupt_file(docker_engine, docker, tmp_path):
+    drained, other = unique_app(), unique_app()
+    docker.run(name_for(drained))
+    docker.run(name_for(other))
+    state = str(tmp_path / "state")
+    log = str(tmp_path / "service.log")
+    with Service("--ngx-port", "0", "--state-dir", state, log_path=log) as svc:
+        assert wait_status(svc, drained, 200)[0] == 200
+        assert _maintenance("drain", "--app", drained, "--reason", "swap disk", "--state-dir", state).returncode == 0
+        status, body = _code_of(svc, drained, 17)
+        assert status == 503 and body["code"] == 17 and "swap disk" in body["message"]
+        assert [c["names"] for c in body["containers"]] == [name_for(drained)]
+        assert status_of(svc, other)[0] == 200  # a per-app drain touches that app only
+        apps = svc.get("/apps")[1]["message"]
+        assert drained not in apps["healthy"] and other in apps["healthy"]
+        assert apps["apps"][drained]["code"] == 17
+        _, _, metrics = http(svc.port, "/container-healthcheck/metrics")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(metrics.decode()) for s in f.samples}
+        assert samples[("healthcheck_app_draining", (("app", drained),))] == 1
+        assert samples[("healthcheck_app_healthy", (("app", drained),))] == 0
+    with Service("--ngx-port", "0", "--state-dir", state, log_path=log) as svc:
+        assert status_of(svc, drained)[1]["code"] == 17  # the drain survives a restart
+        with open(os.path.join(state, "drain.json"), "w") as handle:
+            handle.write("{half a file")
+        assert _code_of(svc, drained, 0)[0] == 200  # corrupt: reported, treated as not drained
+        assert _maintenance("drain", "--reason", "reboot", "--state-dir", state).returncode == 0
+        assert _code_of(svc, other, 17)[1]["code"] == 17
+        assert status_of(svc, drained)[1]["code"] == 17
+        assert _maintenance("undrain", "--state-dir", state).returncode == 0
+        assert _code_of(svc, drained, 0)[0] == 200 and status_of(svc, other)[0] == 200
+        assert svc.proc.poll() is None
+    text = open(log).read()
+    assert "not a drain state file" in text and "drain state now" in text
