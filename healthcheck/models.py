@@ -89,7 +89,7 @@ class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error")):
         return out
 
 
-_REPORT_FIELDS = "app healthy reason chosen containers probe drain"
+_REPORT_FIELDS = "app healthy reason chosen containers probe drain short"
 
 
 class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
@@ -97,7 +97,8 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
 
     chosen: the Container whose object is the answer's message when healthy;
     containers: the matches listed in the answer; probe: ProbeResult or None; drain: the
-    operator's Drain when this app is drained on this host, else None.
+    operator's Drain when this app is drained on this host, else None; short: the reason in
+    a few words for tables and balancers ("exited", "probe 502", "draining: ..."), "" if healthy.
     """
 
     __slots__ = ()
@@ -116,7 +117,7 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
         return envelope
 
 
-HealthReport.__new__.__defaults__ = (None,)  # drain
+HealthReport.__new__.__defaults__ = (None, "")  # drain, short
 
 
 def ok_envelope(message):

@@ -66,6 +66,9 @@ class Renderer(object):
         if view.stale_s is not None:
             head["stale_s"] = round(view.stale_s, 1)
         head["healthy"] = [r.app for r in view.reports if r.healthy]
+        # Why each other app is not healthy, in a few words, before the bulky per-app answers:
+        # the entry balancer reads only this far.
+        head["unhealthy"] = collections.OrderedDict((r.app, r.short) for r in view.reports if not r.healthy)
         parts = [encode(ok_envelope(head))[:-2], b',"apps":{']
         parts.append(b",".join(encode(r.app) + b":" + self._body(r, include_all) for r in view.reports))
         parts.append(b"}}}")

@@ -32,15 +32,17 @@ def decide(app, matches, include_all=False, probe=None, drain=None):
     chosen = pick_serving(ordered)
     if drain is not None:
         return HealthReport(app, False, "%s (app %s on this host)" % (drain.describe(), app), chosen, listed,
-                            probe, drain)
+                            probe, drain, _short("draining" + (": " + drain.reason if drain.reason else "")))
     if chosen is None:
-        return HealthReport(app, False, _why_nothing_serves(app, ordered), None, listed, None)
+        short = _condition(ordered[0]) if ordered else "no container"
+        return HealthReport(app, False, _why_nothing_serves(app, ordered), None, listed, None, None, _short(short))
     if probe is not None and probe.is_pending:
         reason = "container %s is running; %s" % (chosen.name, probe.describe())
-        return HealthReport(app, False, reason, chosen, listed, probe)
+        return HealthReport(app, False, reason, chosen, listed, probe, None, "probe pending")
     if probe is not None and not probe.ok:
         reason = "container %s is running but the app does not answer: %s" % (chosen.name, probe.describe())
-        return HealthReport(app, False, reason, chosen, listed, probe)
+        short = "probe %d" % probe.status if probe.status is not None else "probe: %s" % probe.error
+        return HealthReport(app, False, reason, chosen, listed, probe, None, _short(short))
     return HealthReport(app, True, "", chosen, listed, probe)
 
 
@@ -59,3 +61,13 @@ def _condition(container):
     if container.state == "running" and container.health == "starting":
         return "starting (its HEALTHCHECK has not passed yet)"
     return container.state
+
+
+_SHORT_MAX = 60
+
+
+def _short(text):
+    """A reason in a few plain characters: balancers' simple parsers and tables show it, so no
+    quotes, backslashes, braces or control characters, at most 60 characters."""
+    cleaned = "".join(" " if (ch in '"\\{}' or not ch.isprintable()) else ch for ch in text)
+    return cleaned[:_SHORT_MAX]

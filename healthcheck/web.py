@@ -3,11 +3,12 @@ import ipaddress
 import json
 import logging
 import pkgutil
+import socket
 import time
 
 import bottle
 
-from healthcheck import __version__, errors, render
+from healthcheck import __version__, errors, pages, render
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from healthcheck.models import error_envelope, ok_envelope
@@ -27,17 +28,31 @@ def load_openapi(prefix):
     return document
 
 
-def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None):
+def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, host=None):
     """The Bottle app: routes under prefix, each mapped to the checker and the render layer."""
     app = bottle.Bottle(catchall=True, autojson=False)
     renderer = renderer or render.Renderer()
     openapi_body = render.encode(load_openapi(prefix))
+    host = host or socket.gethostname()
 
     def send(answer):
         bottle.response.status = answer.status
         bottle.response.content_type = answer.content_type
         bottle.response.set_header("Cache-Control", "no-store")
+        if answer.content_type == pages.HTML_TYPE:
+            bottle.response.set_header("Content-Security-Policy", pages.CSP)
+            bottle.response.set_header("X-Content-Type-Options", "nosniff")
+            bottle.response.set_header("Referrer-Policy", "no-referrer")
         return answer.body
+
+    def host_page():
+        query = bottle.request.query.get("q", "")[:100]
+        try:
+            view = checker.check_all(False)
+        except errors.DockerError as exc:
+            return render.Rendered(503, pages.HTML_TYPE, pages.render_error_page(str(exc), host))
+        return render.Rendered(200, pages.HTML_TYPE,
+                               pages.render_host_page(view, checker.probe_ages(), host, query))
 
     def route(path, flags=()):
         """GET (and HEAD) route, with or without a trailing slash (health checkers do not
@@ -52,10 +67,19 @@ def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None):
                     return send(handler(parsed, **kwargs))
                 except errors.HealthcheckError as exc:
                     return send(render.render_error(exc))
-            app.get(prefix + path, name=handler.__name__)(guarded)
-            app.get(prefix + path + "/")(guarded)
+            if path == "/":
+                app.get(prefix + "/", name=handler.__name__)(guarded)
+                if prefix:
+                    app.get(prefix)(guarded)
+            else:
+                app.get(prefix + path, name=handler.__name__)(guarded)
+                app.get(prefix + path + "/")(guarded)
             return handler
         return register
+
+    @route("/")
+    def index(_flags):
+        return host_page()
 
     @route("/health")
     def health(_flags):
@@ -69,6 +93,9 @@ def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None):
 
     @route("/apps", flags=("all",))
     def apps(flags):
+        bottle.response.set_header("Vary", "Accept")
+        if pages.wants_html(bottle.request.get_header("Accept")):
+            return host_page()
         include_all = flags.get("all", False)
         return renderer.apps(checker.check_all(include_all), include_all)
 

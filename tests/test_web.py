@@ -41,13 +41,15 @@ class Harness(object):
             Instrumented(make_app(self.checker, self.metrics, prefix), self.metrics, allow))
         self.prefix = prefix
 
-    def call(self, path, method="GET", query="", remote="127.0.0.1", raw_path=False, wsgi_path=None):
+    def call(self, path, method="GET", query="", remote="127.0.0.1", raw_path=False, wsgi_path=None, environ=None):
         if wsgi_path is None:
             path = path if raw_path else self.prefix + path
             # WSGI carries the path as latin-1 decoded bytes, as a real server does.
             wsgi_path = path.encode("utf-8").decode("latin-1")
+        extra = environ or {}
         environ = {"REQUEST_METHOD": method, "PATH_INFO": wsgi_path,
                    "QUERY_STRING": query, "REMOTE_ADDR": remote, "SCRIPT_NAME": "", "wsgi.input": io.BytesIO(b"")}
+        environ.update(extra)
         wsgiref.util.setup_testing_defaults(environ)
         seen = {}
 
@@ -322,3 +324,47 @@ def test_a_bug_is_500_code_16_never_a_docker_code(harness):
     h.checker.check = broken
     status, body = h.json("/apps/health/good")
     assert status == 500 and body == {"code": 16, "status": "error", "message": "internal error"}
+
+
+EVIL = ('{"ID":"%s","Names":"evil-1700000000","Image":"img","Command":"\\"<script>window.__pwned=1</script>'
+        '<img src=x onerror=window.__pwned=2>\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST",'
+        '"Status":"Up 5 days","Ports":""}' % ("e" * 64))
+
+
+def test_host_page_lists_every_app_escaped_under_a_strict_csp(harness):
+    h = harness(fetch=lambda: parse_output_with_evil())
+    for path, headers in (("/", {}), ("", {}), ("/apps", {"HTTP_ACCEPT": "text/html,application/xhtml+xml,*/*;q=0.8"})):
+        status, head, body = h.call(path, environ=headers)
+        assert status == 200 and head["Content-Type"] == "text/html; charset=utf-8", path
+        csp = head["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+        page = body.decode("utf-8")
+        for app in ("good", "paused", "gone", "probed", "evil"):
+            assert 'data-app="%s"' % app in page
+        assert "<script>window.__pwned" not in page and "<img src=x" not in page
+        assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page
+        assert page.count("<script>") == 1  # only the page's own filter script
+    status, head, body = h.call("/apps", environ={"HTTP_ACCEPT": "*/*"})
+    assert head["Content-Type"] == "application/json; charset=utf-8" and head.get("Vary") == "Accept"
+
+
+def test_the_csp_hashes_are_of_the_page_own_style_and_script():
+    import base64
+    import hashlib
+    from healthcheck import pages
+    for text in (pages.STYLE, pages.SCRIPT):
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        assert "'sha256-%s'" % digest in pages.CSP
+
+
+def test_apps_json_says_why_each_other_app_is_not_healthy_up_front(harness):
+    status, headers, body = harness().call("/apps")
+    message = json.loads(body.decode())["message"]
+    assert list(message)[:3] == ["snapshot_age_s", "healthy", "unhealthy"]
+    assert message["unhealthy"] == {"gone": "exited", "paused": "paused"}
+    # the balancer's simple parser finds both lists before the bulky per-app answers
+    assert body.index(b'"unhealthy"') < body.index(b'"apps"')
+
+
+def parse_output_with_evil():
+    return parse_ps_output(PS + "\n" + EVIL)
