@@ -1,11 +1,12 @@
 """Entry point: parse flags, set up logging, wire the parts, serve or check; exit codes."""
+import json
 import logging
 import os
 import shutil
 import sys
 import time
 
-from healthcheck import __version__, logs
+from healthcheck import __version__, logs, terminal
 from healthcheck.checker import Checker
 from healthcheck.config import parse_args
 from healthcheck import drain
@@ -174,10 +175,64 @@ def maintain(args):
     return 0
 
 
+def _apps_from_service(url, include_all, timeout_s):
+    """(answer dict or None, problem) from the running service's /apps."""
+    import urllib.request
+    target = url.rstrip("/") + "/apps" + ("?all=true" if include_all else "")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        with opener.open(urllib.request.Request(target, headers={"Accept": "application/json"}),
+                         timeout=timeout_s) as response:
+            return json.loads(response.read().decode("utf-8")), None
+    except urllib.error.HTTPError as exc:
+        try:
+            return None, json.loads(exc.read().decode("utf-8")).get("message", str(exc))
+        except ValueError:
+            return None, str(exc)
+    except (OSError, ValueError) as exc:
+        return None, "cannot ask %s: %s" % (target, exc)
+
+
+def _apps_direct(args):
+    """(answer dict or None, problem), asking docker and probing here, each app's probe awaited."""
+    service = Service(args, Metrics(), refresh_s=60.0, max_stale_s=0.0, probe_workers=32,
+                      probe_wait_s=args.probe_timeout + 1.0).start()
+    try:
+        service.checker.check_all(args.all)  # every app's probe starts now, in parallel
+        view = service.checker.check_all(args.all)
+        reports = [service.checker.check(r.app, args.all)[0] for r in view.reports]
+        view = view._replace(reports=reports)
+        return json.loads(Renderer().apps(view, args.all).body.decode("utf-8")), None
+    except HealthcheckError as exc:
+        return None, str(exc)
+    finally:
+        service.stop()
+
+
+def apps_table(args):
+    logs.configure("warning", None)
+    if args.direct:
+        answer, problem = _apps_direct(args)
+    else:
+        answer, problem = _apps_from_service(args.url, args.all, args.docker_timeout + 2)
+    if answer is None:
+        sys.stderr.write("container-healthcheck apps: %s\n" % problem)
+        return EXIT_UNKNOWN
+    if args.json:
+        sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(terminal.render_table(terminal.rows_from_apps_answer(answer)))
+    message = answer.get("message", {})
+    return EXIT_HEALTHY if not message.get("unhealthy") and len(message.get("healthy", [])) == len(
+        message.get("apps", {})) else EXIT_UNHEALTHY
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "check":
         return check(args)
+    if args.command == "apps":
+        return apps_table(args)
     if args.command in ("drain", "undrain"):
         return maintain(args)
     return serve(args)

@@ -152,6 +152,15 @@ def build_parser():
     check.add_argument("--all", action="store_true", help="list non-running containers too")
     _add_common(check)
 
+    apps = commands.add_parser("apps", allow_abbrev=False,
+                               help="this host's apps as a table; exit 0 all healthy, 1 some not, 2 could not tell")
+    apps.add_argument("--json", action="store_true", help="print the raw /apps answer")
+    apps.add_argument("--direct", action="store_true", help="ask docker (and probe) directly, not the running service")
+    apps.add_argument("--url", default="http://127.0.0.1:4246/container-healthcheck",
+                      help="the running service (default %(default)s)")
+    apps.add_argument("--all", action="store_true", help="count non-running containers too")
+    _add_common(apps)
+
     for name, words in (("drain", "take this host (or --app APPs on it) out of every balancer before maintenance"),
                         ("undrain", "put this host (or --app APPs) back; without --app, undo every drain")):
         maintenance = commands.add_parser(name, allow_abbrev=False, help=words, description=words)

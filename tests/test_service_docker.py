@@ -449,3 +449,28 @@ def test_drain_an_app_then_the_host_across_a_restart_and_a_corrupt_file(docker_e
         assert svc.proc.poll() is None
     text = open(log).read()
     assert "not a drain state file" in text and "drain state now" in text
+
+
+def test_apps_table_from_the_service_and_directly(docker_engine, docker, tmp_path):
+    good, dead = unique_app(), unique_app()
+    docker.run(name_for(good))
+    docker.run(name_for(dead), cmd=("true",))
+    wait_for(lambda: docker.state(name_for(dead)) == "exited", 10)
+
+    def table(*args):
+        return subprocess.run([sys.executable, "-m", "healthcheck", "apps", "--ngx-port", "0"] + list(args), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    with Service("--ngx-port", "0") as svc:
+        url = "http://127.0.0.1:%d/container-healthcheck" % svc.port
+        wait_status(svc, good, 200)
+        shown = table("--url", url)
+        assert shown.returncode == 1, shown.stderr  # some app is not healthy
+        lines = shown.stdout.splitlines()
+        assert lines[0].split() == ["APP", "VERDICT", "WHY", "CONTAINER", "STATUS", "HEALTH", "PROBE", "CONTAINERS"]
+        mine = {line.split()[0]: line.split() for line in lines[1:] if line.split()[0] in (good, dead)}
+        assert mine[dead][1:3] == ["UNHEALTHY", "exited"] and mine[good][1] == "healthy"
+        raw = table("--url", url, "--json")
+        assert json.loads(raw.stdout)["message"]["unhealthy"][dead] == "exited"
+    assert table("--direct").stdout.count(dead) == 1
+    gone = table("--url", "http://127.0.0.1:%d/container-healthcheck" % free_port())
+    assert gone.returncode == 2 and "cannot ask" in gone.stderr

@@ -1,0 +1,60 @@
+"""This host's apps as an aligned table for a terminal, like `docker ps` (pure)."""
+import unicodedata
+
+COLUMNS = ("APP", "VERDICT", "WHY", "CONTAINER", "STATUS", "HEALTH", "PROBE", "CONTAINERS")
+
+
+def display_width(text):
+    """Columns a string takes in a terminal: East Asian wide and full-width characters take 2,
+    combining marks none."""
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
+def _pad(text, width):
+    return text + " " * (width - display_width(text))
+
+
+def _clean(value, limit=60):
+    text = "" if value is None else str(value)
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text if display_width(text) <= limit else text[:limit - 1] + "…"
+
+
+def rows_from_apps_answer(answer):
+    """Table rows from a /apps answer (the JSON the service serves), unhealthy apps first."""
+    message = answer["message"]
+    reasons = message.get("unhealthy", {})
+    rows = []
+    for app, entry in message["apps"].items():
+        healthy = entry.get("code") == 0
+        containers = entry.get("containers") or []
+        serving = entry["message"] if healthy else (containers[0] if containers else None)
+        probe = entry.get("probe")
+        if probe is None:
+            probe_text = "-"
+        elif probe.get("status") is not None:
+            probe_text = str(probe["status"])
+        else:
+            probe_text = probe.get("error") or "failed"
+        verdict = "healthy" if healthy else ("draining" if entry.get("code") == 17 else "UNHEALTHY")
+        rows.append((not healthy, app, (
+            app, verdict, "" if healthy else reasons.get(app, ""), serving.get("names") if serving else "",
+            serving.get("status") if serving else "", serving.get("health") if serving else "",
+            probe_text, str(len(containers)))))
+    rows.sort(key=lambda row: (not row[0], row[1]))
+    return [cells for _, _, cells in rows]
+
+
+def render_table(rows, columns=COLUMNS):
+    """Columns aligned by display width, two spaces apart."""
+    cells = [tuple(_clean(c) for c in columns)] + [tuple(_clean(c) for c in row) for row in rows]
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for row in cells:
+        lines.append("  ".join(_pad(cell, widths[i]) for i, cell in enumerate(row)).rstrip())
+    return "\n".join(lines) + "\n"
