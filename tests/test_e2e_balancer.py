@@ -761,3 +761,83 @@ http {
         traffic.stop()
         _stop(proc)
         paas.close()
+
+
+# ---- The operators' pages in a real browser (headless Chromium over DevTools) ----
+
+EVIL_COMMAND = "sleep 3600 # <script>window.__pwned=1</script><img src=x onerror=window.__pwned=2>"
+
+
+@pytest.fixture
+def browser():
+    from browser import CHROMIUM, Browser
+    if not CHROMIUM:
+        if os.environ.get("CI"):
+            pytest.fail("chromium missing (scripts/install-deps)")
+        pytest.skip("chromium missing")
+    instance = Browser()
+    yield instance
+    instance.close()
+
+
+def test_14_host_page_in_a_browser(healthy, browser):
+    from browser import artifact_path
+    appo2 = healthy["appos"][0]
+    evil = "evil-1700000000"
+    appo2.docker("rm", "-f", evil, check=False)
+    appo2.docker("run", "-d", "--name", evil, "--network", "none", IMAGE, "sh", "-c", EVIL_COMMAND)
+    page = browser.new_page()
+    try:
+        url = "http://%s:%d/container-healthcheck/" % (appo2.ip, appo2.hc_port)
+
+        def rows():
+            page.navigate(url)
+            return page.evaluate("Array.from(document.querySelectorAll('tbody tr')).map(function(r){return ["
+                                 "r.getAttribute('data-app'), r.cells[1].textContent, r.cells[2].textContent]})")
+        # the new app's first probe runs in the background: pending (not healthy) until it ends
+        assert wait_for(lambda: len(rows()) == 2 and all(r[1] == "healthy" for r in rows()), 10), rows()
+        page.settle()
+        rows = rows()
+        assert sorted(r[0] for r in rows) == ["demo", "evil"]
+        assert all(r[1] == "healthy" for r in rows), rows
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert EVIL_COMMAND[:40] in page.evaluate("document.body.textContent")  # shown, as text
+        assert page.problems == [], page.problems
+        page.screenshot(artifact_path("host-page.png"), 1400, 400)
+        # a browser asking /apps gets the same page
+        page.navigate("http://%s:%d/container-healthcheck/apps" % (appo2.ip, appo2.hc_port))
+        assert page.evaluate("document.querySelectorAll('tbody tr').length") == 2
+    finally:
+        page.close()
+        appo2.docker("rm", "-f", evil, check=False)
+
+
+def test_15_entry_matrix_in_a_browser(healthy, browser):
+    from browser import artifact_path
+    appo3 = healthy["appos"][1]
+    _maintenance(appo3, "drain", "--app", APP, "--reason", "disk <img src=x onerror=window.__pwned=3>")
+    page = browser.new_page()
+    try:
+        url = "http://127.0.0.1:%d/container-healthcheck-status" % healthy["entry_port"]
+
+        def cells():
+            page.navigate(url)
+            return page.evaluate(
+                "Array.from(document.querySelectorAll('tbody tr')).map(function(r){return [r.getAttribute('data-app'),"
+                "Array.from(r.querySelectorAll('td')).map(function(c){return c.className+'='+c.textContent})]})")
+        def demo_drained():
+            rows = dict(cells())
+            return rows[APP] if APP in rows and any("bad=draining" in x for x in rows[APP]) else None
+        row = wait_for(demo_drained, WINDOW + 8)
+        assert row, cells()
+        heads = page.evaluate("Array.from(document.querySelectorAll('thead th')).map(function(h){return h.textContent})")
+        by_appo = dict(zip(heads[1:], row))
+        assert by_appo[[h for h in heads if h.startswith(healthy["appos"][0].addr)][0]].startswith("ok=healthy")
+        assert by_appo[[h for h in heads if h.startswith(appo3.addr)][0]].startswith("bad=draining: disk <img")
+        page.settle()
+        assert page.evaluate("typeof window.__pwned") == "undefined"
+        assert page.problems == [], page.problems
+        page.screenshot(artifact_path("entry-matrix.png"), 1200, 300)
+    finally:
+        page.close()
+        _maintenance(appo3, "undrain")

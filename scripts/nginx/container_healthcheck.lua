@@ -155,15 +155,21 @@ local function learn(app, peers, source)
     end
 end
 
--- The healthy list of an /apps answer (compact JSON; app codes are [A-Za-z0-9_.-]), found
--- without decoding the whole answer: it holds every app's containers.
+-- The healthy list of an /apps answer (compact JSON; app codes are [A-Za-z0-9_.-]) and the
+-- short reasons of the others (no quotes or braces in them), found without decoding the whole
+-- answer: the rest holds every app's containers. Returns healthy set, reasons (or nil).
 local function healthy_apps(body)
     if not body:find('^{"code":0,') then return nil, "unexpected /apps answer" end
     local list = body:match('"healthy":%[(.-)%]')
     if not list then return nil, "no healthy list in /apps answer" end
     local set = {}
     for app in list:gmatch('"([A-Za-z0-9_.-]+)"') do set[app] = true end
-    return set
+    local reasons = {}
+    local others = body:match('"unhealthy":{([^}]*)}')
+    if others then
+        for app, why in others:gmatch('"([A-Za-z0-9_.-]+)":"([^"]*)"') do reasons[app] = why:sub(1, 60) end
+    end
+    return set, reasons
 end
 
 local function poll(addr)
@@ -212,7 +218,10 @@ local function poll(addr)
         if chunk and #chunk > 0 then
             body = body .. chunk
             size = size + #chunk
-            if body:find('"healthy":%[[^%]]*%]') then break end
+            -- Both lists have arrived (2.1+), or an older service's healthy list and its apps.
+            if body:find('"unhealthy":{[^}]*}') or (body:find('"healthy":%[[^%]]*%]') and body:find('"apps":', 1, true)) then
+                break
+            end
         end
         if not chunk or rerr then
             if rerr == "closed" and not length then break end
@@ -250,6 +259,7 @@ local function observe(dict, app, addr, passed, now, value)
         local h, s, t = value:match("^(%d)|(%-?%d+)|([%d.]+)$")
         healthy, streak, since = h == "1", tonumber(s), tonumber(t)
     end
+    if passed and healthy == false then dict:delete("w:" .. app .. "|" .. addr) end
     if healthy == nil then
         healthy, streak, since = passed, 0, now  -- first sight: believe it at once
     elseif passed == healthy then
@@ -323,6 +333,7 @@ local function check_round(premature)
     end
     for i, addr in ipairs(addrs) do
         local ok, healthy, err = ngx.thread.wait(threads[i])
+        local reasons = type(err) == "table" and err or {}
         if not ok then healthy, err = nil, "poll failed: " .. tostring(healthy) end
         local now = ngx.now()
         if healthy then
@@ -349,6 +360,11 @@ local function check_round(premature)
         end
         for app in pairs(apps) do
             observe(dict, app, addr, healthy ~= nil and healthy[app] == true, now, nil)
+        end
+        -- Why, in the APPO's own few words, for the operators' matrix (written only on change).
+        for app, why in pairs(reasons) do
+            local key = "w:" .. app .. "|" .. addr
+            if dict:get(key) ~= why then dict_set(dict, key, why, conf.forget_after) end
         end
     end
     ngx.update_time()
@@ -462,28 +478,57 @@ local function json_string(s)
     end) .. '"'
 end
 
--- content_by_lua: the shared dict as JSON, for operators.
-function M.status()
-    local dict = ngx.shared[conf.dict]
-    local apps, appos, polled = {}, {}, {}
+-- The operators' page shares its look with the APPO host page (healthcheck/pages.py): the
+-- same style and script, so the same Content-Security-Policy hashes (make test checks).
+local PAGE_STYLE = [[body{font:13px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}header{padding:10px 16px;background:#1d2330;color:#fff;display:flex;gap:16px;align-items:center;flex-wrap:wrap}header h1{font-size:15px;margin:0}header .meta{color:#aab3c5}input#filter{padding:4px 8px;border-radius:4px;border:1px solid #556;min-width:220px}table{border-collapse:separate;border-spacing:0}th,td{padding:3px 8px;border-bottom:1px solid #e1e4ea;white-space:nowrap;text-align:left;vertical-align:top}thead th{position:sticky;top:0;background:#e9ecf1;z-index:2}tbody th{position:sticky;left:0;background:#fff;z-index:1}.ok{background:#d9f2e1;color:#125d2c}.bad{background:#fbdada;color:#8a1111}.unknown{background:#eceff3;color:#5b6478}.backup{background:#e3ecfb;color:#1d4a8f}.drain{background:#fdf0d5;color:#7a4b00}.open th{background:#fff3c4}.small{color:#6b7385;font-size:11px}.error{padding:16px;color:#8a1111}]]
+local PAGE_SCRIPT = [[(function(){var f=document.getElementById("filter");if(!f)return;function apply(){var q=f.value.trim().toLowerCase();var rows=document.querySelectorAll("tbody tr");for(var i=0;i<rows.length;i++){rows[i].hidden=q!==""&&rows[i].getAttribute("data-app").indexOf(q)<0;}var u=new URL(location.href);if(q){u.searchParams.set("q",q);}else{u.searchParams.delete("q");}history.replaceState(null,"",u.toString());}f.addEventListener("input",apply);apply();})();]]
+local PAGE_CSP = "default-src 'none'; style-src 'sha256-3PuVOTlJwGTUEwlVGHJajBGawt9GBJRi2ShthQBbnTQ='; script-src 'sha256-jqwv73F/LeQ8CdMdX2RH4zgFRFjHdQKVLYy66as0Yw0='; img-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+
+local function html_escape(s)
+    return (tostring(s):gsub("[&<>\"']", { ["&"] = "&amp;", ["<"] = "&lt;", [">"] = "&gt;",
+                                             ['"'] = "&quot;", ["'"] = "&#39;" }))
+end
+
+local function age_text(seconds)
+    if not seconds then return "never" end
+    if seconds < 120 then return string.format("%.0f s", seconds) end
+    if seconds < 7200 then return string.format("%.0f min", seconds / 60) end
+    return string.format("%.1f h", seconds / 3600)
+end
+
+-- Everything the dict knows, from one key scan: states[app][addr] = {healthy, streak, since},
+-- reasons[app][addr], and every APPO address in play.
+local function read_state(dict)
+    local states, reasons, polled = {}, {}, {}
     for _, key in ipairs(dict:get_keys(0)) do
         local kind, rest = key:sub(1, 2), key:sub(3)
-        if kind == "s:" then
-            local app, addr = rest:match("^(.+)|(.+)$")
-            local value = dict:get(key)
-            local h, streak, since = (value or ""):match("^(%d)|(%-?%d+)|([%d.]+)$")
-            if app and h then
-                apps[app] = apps[app] or {}
-                apps[app][#apps[app] + 1] = string.format('%s:{"healthy":%s,"streak":%s,"last_change":%s}',
-                    json_string(addr), h == "1" and "true" or "false", streak, since)
-                polled[addr] = true
+        if kind == "s:" or kind == "w:" then
+            local bar = rest:find("|", 1, true)
+            local value = bar and dict:get(key)
+            if value then
+                local app, addr = rest:sub(1, bar - 1), rest:sub(bar + 1)
+                if kind == "s:" then
+                    local h, streak, since = value:match("^(%d)|(%-?%d+)|([%d.]+)$")
+                    if h then
+                        states[app] = states[app] or {}
+                        states[app][addr] = { healthy = h == "1", streak = tonumber(streak), since = tonumber(since) }
+                        polled[addr] = true
+                    end
+                else
+                    reasons[app] = reasons[app] or {}
+                    reasons[app][addr] = value
+                end
             end
         elseif kind == "p:" then
             polled[rest] = true
         end
     end
     for _, addr in ipairs(configured_appos()) do polled[addr] = true end
-    local now = ngx.now()
+    return states, reasons, polled
+end
+
+local function status_json(dict, states, reasons, polled, now)
+    local appos, parts = {}, {}
     for addr in pairs(polled) do
         local ok_at = dict:get("ok:" .. addr)
         local err = dict:get("err:" .. addr)
@@ -492,8 +537,14 @@ function M.status()
             (ok_at and now - ok_at <= conf.stale_after) and "true" or "false",
             err and json_string(err) or "null")
     end
-    local parts = {}
-    for app, entries in pairs(apps) do
+    for app, per_addr in pairs(states) do
+        local entries = {}
+        for addr, st in pairs(per_addr) do
+            local why = reasons[app] and reasons[app][addr]
+            entries[#entries + 1] = string.format('%s:{"healthy":%s,"streak":%d,"last_change":%s%s}',
+                json_string(addr), st.healthy and "true" or "false", st.streak, tostring(st.since),
+                why and (',"reason":' .. json_string(why)) or "")
+        end
         parts[#parts + 1] = json_string(app) .. ":{" .. table.concat(entries, ",") .. "}"
     end
     ngx.header["Content-Type"] = "application/json"
@@ -501,6 +552,91 @@ function M.status()
     ngx.say('{"now":', now, ',"interval":', conf.interval, ',"fall":', conf.fall, ',"rise":', conf.rise,
             ',"last_round":', dict:get("stat:round") or "null",
             ',"appos":{', table.concat(appos, ","), '},"apps":{', table.concat(parts, ","), '}}')
+end
+
+-- The matrix: apps (rows) x APPOs (columns); apps failing open first.
+local function status_html(dict, states, reasons, polled, now)
+    local addrs = {}
+    for addr in pairs(polled) do addrs[#addrs + 1] = addr end
+    table.sort(addrs)
+    local fresh = {}
+    local head = { "<tr><th>app</th>" }
+    for _, addr in ipairs(addrs) do
+        local ok_at = dict:get("ok:" .. addr)
+        local err = dict:get("err:" .. addr)
+        fresh[addr] = ok_at ~= nil and now - ok_at <= conf.stale_after
+        head[#head + 1] = string.format('<th class="%s" title="%s">%s<br><span class="small">%s%s</span></th>',
+            fresh[addr] and "ok" or "bad", html_escape(err or ""), html_escape(addr),
+            ok_at and ("polled " .. age_text(now - ok_at) .. " ago") or "never polled",
+            err and (" &middot; " .. html_escape(err:sub(1, 40))) or "")
+    end
+    head[#head + 1] = "</tr>"
+    local rows, open_count = {}, 0
+    for app, per_addr in pairs(states) do
+        local backup = {}
+        for _, peer in ipairs(upstream_peers(app) or {}) do
+            if peer.backup then backup[peer.addr] = true end
+        end
+        local usable_count = 0
+        local cells = {}
+        for _, addr in ipairs(addrs) do
+            local st = per_addr[addr]
+            local why = reasons[app] and reasons[app][addr]
+            local css, words
+            if not st then
+                css, words = "", ""
+            elseif not fresh[addr] then
+                css, words = "unknown", "stale"
+            elseif st.healthy then
+                css, words = "ok", "healthy"
+                usable_count = usable_count + 1
+            else
+                css, words = "bad", why or "not reported"
+            end
+            local label = html_escape(words)
+            if st and backup[addr] then css, label = css .. " backup", "backup &middot; " .. label end
+            cells[#cells + 1] = st and string.format('<td class="%s" title="%s">%s <span class="small">%s</span></td>',
+                css, html_escape(why or ""), label, age_text(now - st.since)) or "<td></td>"
+        end
+        local failing_open = usable_count == 0
+        if failing_open then open_count = open_count + 1 end
+        rows[#rows + 1] = { open = failing_open, app = app, html = string.format(
+            '<tr data-app="%s"%s><th>%s%s</th>%s</tr>', html_escape(app:lower()), failing_open and ' class="open"' or "",
+            html_escape(app), failing_open and ' <span class="small">failing open</span>' or "",
+            table.concat(cells)) }
+    end
+    table.sort(rows, function(a, b)
+        if a.open ~= b.open then return a.open end
+        return a.app < b.app
+    end)
+    local body = {}
+    for i, row in ipairs(rows) do body[i] = row.html end
+    local query = ngx.unescape_uri(ngx.var.arg_q or ""):sub(1, 100)
+    ngx.header["Content-Type"] = "text/html; charset=utf-8"
+    ngx.header["Cache-Control"] = "no-store"
+    ngx.header["Content-Security-Policy"] = PAGE_CSP
+    ngx.header["X-Content-Type-Options"] = "nosniff"
+    ngx.header["Referrer-Policy"] = "no-referrer"
+    ngx.say('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="',
+            math.max(1, math.floor(conf.interval)), '"><title>container-healthcheck: apps x APPOs</title><style>',
+            PAGE_STYLE, '</style></head><body><header><h1>container-healthcheck: apps x APPOs</h1><span class="meta">',
+            #rows, " apps, ", #addrs, " APPOs, ", open_count, " failing open &middot; interval ", conf.interval,
+            " s, fall ", conf.fall, ", rise ", conf.rise, " &middot; ", os.date("%Y-%m-%d %H:%M:%S", math.floor(now)),
+            '</span><form method="get"><input id="filter" name="q" placeholder="filter apps" value="',
+            html_escape(query), '" autocomplete="off"></form></header><table><thead>', table.concat(head),
+            "</thead><tbody>", table.concat(body), "</tbody></table><script>", PAGE_SCRIPT, "</script></body></html>")
+end
+
+-- content_by_lua: what the balancer knows, for operators: an HTML matrix for browsers
+-- (Accept: text/html), JSON otherwise.
+function M.status()
+    local dict = ngx.shared[conf.dict]
+    local states, reasons, polled = read_state(dict)
+    local now = ngx.now()
+    if (ngx.var.http_accept or ""):find("text/html", 1, true) then
+        return status_html(dict, states, reasons, polled, now)
+    end
+    return status_json(dict, states, reasons, polled, now)
 end
 
 return M
