@@ -1,6 +1,6 @@
 """Pure parsing of `docker ps` JSON lines from every CLI since 1.13 (no I/O here).
 
-See ../shared/fixtures/docker-ps/FORMATS.md for the shapes: keys differ by client
+See tests/fixtures/docker-ps/FORMATS.md for the shapes: keys differ by client
 version, State exists only from 20.10, Command is Go-quoted, CreatedAt carries an offset.
 """
 import ast

@@ -110,7 +110,7 @@ local peers_cache = {}
 local peers_cache_size = 0
 
 -- The peers for a request and where they came from: "fixed" (apps), "own" (the app's own
--- upstream), "shared" (shared_upstream) or "appos".
+-- upstream), "one" (shared_upstream: one upstream for every APPO) or "appos".
 local function peers_for(app, kind)
     local key = kind .. "|" .. app
     local now = ngx.now()
@@ -122,7 +122,7 @@ local function peers_for(app, kind)
     elseif conf.use_upstream_module then
         peers, source = upstream_peers(kind == "t" and (conf.test_prefix .. app) or app), "own"
         if not peers and conf.shared_upstream then
-            peers, source = upstream_peers(conf.shared_upstream), "shared"
+            peers, source = upstream_peers(conf.shared_upstream), "one"
         end
     end
     if not peers then
@@ -140,14 +140,14 @@ end
 -- and the configured lists do.
 local learned_at = {}
 local function learn(app, peers, source)
-    if source ~= "own" and source ~= "shared" and source ~= "fixed" then return end
-    local marker = source == "shared" and "\0shared" or app
+    if source ~= "own" and source ~= "one" and source ~= "fixed" then return end
+    local marker = source == "one" and "\0one" or app
     local now = ngx.now()
     local last = learned_at[marker]
     if last and now - last < conf.interval then return end
     learned_at[marker] = now
     local dict = ngx.shared[conf.dict]
-    if source ~= "shared" then dict_set(dict, "r:" .. app, now, conf.forget_after) end
+    if source ~= "one" then dict_set(dict, "r:" .. app, now, conf.forget_after) end
     if source ~= "fixed" then
         for _, peer in ipairs(peers) do
             dict_set(dict, "p:" .. peer.addr, now, conf.forget_after)
