@@ -129,7 +129,10 @@ class Checker(object):
         return memo
 
     def _probe_for(self, app, serving, wait_s):
-        if self._prober is None or serving is None:
+        if self._prober is None:
+            return None
+        if serving is None:
+            self._prober.forget(app)
             return None
         result = self._prober.result_for(app, serving.id)
         if result is None and wait_s > 0:

@@ -6,10 +6,9 @@ import shutil
 import sys
 import time
 
-from healthcheck import __version__, logs, terminal
+from healthcheck import __version__, drain, logs, terminal
 from healthcheck.checker import Checker
 from healthcheck.config import parse_args
-from healthcheck import drain
 from healthcheck.docker import DockerCLI
 from healthcheck.errors import HealthcheckError, InvalidInput
 from healthcheck.events import EventsWatcher

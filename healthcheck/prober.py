@@ -103,6 +103,12 @@ class Prober(object):
                 return target.result
             return None
 
+    def forget(self, app):
+        """app has no serving container any more: stop probing it (a new one starts afresh)."""
+        if app in self._targets:
+            with self._cond:
+                self._targets.pop(app, None)
+
     def wait_for(self, app, container_id, timeout_s):
         """Wait at most timeout_s for a result of app's current container; None if none came."""
         deadline = self._clock() + timeout_s

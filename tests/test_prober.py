@@ -154,3 +154,18 @@ def test_known_has_no_side_effects():
         assert calls == []
     finally:
         prober.stop()
+
+
+def test_an_app_that_stops_serving_is_forgotten_at_once():
+    calls = []
+    clock = FakeClock()
+    prober = make(lambda app: calls.append(app) or ok(app), clock)
+    try:
+        prober.result_for("a", "c1")
+        assert until(lambda: calls == ["a"])
+        prober.forget("a")
+        clock.now += 5
+        time.sleep(0.2)
+        assert calls == ["a"] and prober.known() == {}
+    finally:
+        prober.stop()
