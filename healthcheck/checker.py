@@ -70,7 +70,7 @@ class Checker(object):
                 if app not in known:
                     continue
                 probe = known[app][0]
-            reports.append(verdict.decide(app, matches, False, probe, self._drain_for(app)))
+            reports.append(self._report(app, False, matches, probe, memo, quiet=True))
         return reports
 
     def probe_ages(self):
@@ -100,13 +100,17 @@ class Checker(object):
     def _drain_for(self, app):
         return self._drains.for_app(app) if self._drains is not None else None
 
-    def _report(self, app, include_all, matches, probe, memo):
+    def _report(self, app, include_all, matches, probe, memo, quiet=False):
+        """The memoised report while its inputs are unchanged; quiet: for views that must
+        have no side effects (/metrics), so a new report is neither logged nor kept."""
         key = (app, include_all)
         drain = self._drain_for(app)
         cached = memo.get(key)
         if cached is not None and cached[0] == probe and cached[1].drain == drain:
             return cached[1]
         report = verdict.decide(app, matches, include_all, probe, drain)
+        if quiet:
+            return report
         if self._observe is not None:
             self._observe(report, bool(matches))
         if len(memo) < _MEMO_MAX:

@@ -197,8 +197,7 @@ def _apps_direct(args):
     service = Service(args, Metrics(), refresh_s=60.0, max_stale_s=0.0, probe_workers=32,
                       probe_wait_s=args.probe_timeout + 1.0).start()
     try:
-        service.checker.check_all(args.all)  # every app's probe starts now, in parallel
-        view = service.checker.check_all(args.all)
+        view = service.checker.check_all(args.all)  # every app's probe starts now, in parallel
         reports = [service.checker.check(r.app, args.all)[0] for r in view.reports]
         view = view._replace(reports=reports)
         return json.loads(Renderer().apps(view, args.all).body.decode("utf-8")), None

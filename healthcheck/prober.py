@@ -56,7 +56,10 @@ class Prober(object):
         self._interest_s = interest_s
         self._observe = observe
         self._clock = clock
+        # One lock; workers wait for due probes, readers (wait_for) for results: a finished
+        # probe wakes the readers, not all 32 workers.
         self._cond = threading.Condition()
+        self._done = threading.Condition(self._cond)
         self._targets = {}
         self._schedule = []  # heap of (due_at, seq, app); stale entries are skipped
         self._seq = 0
@@ -74,6 +77,7 @@ class Prober(object):
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+            self._done.notify_all()
         for thread in self._threads:
             thread.join(timeout_s)
 
@@ -122,7 +126,7 @@ class Prober(object):
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return None
-                self._cond.wait(remaining)
+                self._done.wait(remaining)
         return None
 
     def known(self):
@@ -194,6 +198,6 @@ class Prober(object):
                     self._push(target, self._clock())
                 else:
                     self._push(target, started + self.ttl_s)
-            self._cond.notify_all()
+            self._done.notify_all()
         if self._observe is not None:
             self._observe(target.app, result, changed)

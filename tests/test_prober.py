@@ -16,6 +16,16 @@ def make(probe, clock=None, **kwargs):
     return Prober(probe, clock=clock or FakeClock(), **kwargs).start()
 
 
+def probed_once(clock, **kwargs):
+    """A prober whose probe counts its calls, after app "a" was asked about and probed once:
+    (prober, calls)."""
+    calls = []
+    prober = make(lambda app: calls.append(app) or ok(app), clock, **kwargs)
+    prober.result_for("a", "c1")
+    assert until(lambda: calls == ["a"])
+    return prober, calls
+
+
 def test_first_result_is_none_then_the_probe_result():
     prober = make(ok)
     try:
@@ -27,12 +37,9 @@ def test_first_result_is_none_then_the_probe_result():
 
 
 def test_at_most_one_probe_per_ttl_whatever_the_request_rate():
-    calls = []
     clock = FakeClock()
-    prober = make(lambda app: calls.append(app) or ok(app), clock)
+    prober, calls = probed_once(clock)
     try:
-        prober.result_for("a", "c1")
-        assert until(lambda: calls == ["a"])
         for _ in range(2000):
             prober.result_for("a", "c1")
         time.sleep(0.2)  # several worker wake-ups: the fake clock has not moved
@@ -132,12 +139,9 @@ def test_an_old_result_does_not_stand_for_a_new_container():
 
 
 def test_apps_nobody_asks_about_are_forgotten():
-    calls = []
     clock = FakeClock()
-    prober = make(lambda app: calls.append(app) or ok(app), clock, interest_s=10)
+    prober, calls = probed_once(clock, interest_s=10)
     try:
-        prober.result_for("a", "c1")
-        assert until(lambda: len(calls) == 1)
         clock.now += 11
         time.sleep(0.2)
         assert calls == ["a"] and prober.known() == {}
@@ -157,12 +161,9 @@ def test_known_has_no_side_effects():
 
 
 def test_an_app_that_stops_serving_is_forgotten_at_once():
-    calls = []
     clock = FakeClock()
-    prober = make(lambda app: calls.append(app) or ok(app), clock)
+    prober, calls = probed_once(clock)
     try:
-        prober.result_for("a", "c1")
-        assert until(lambda: calls == ["a"])
         prober.forget("a")
         clock.now += 5
         time.sleep(0.2)
