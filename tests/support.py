@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -201,3 +202,39 @@ def until(condition, timeout_s=5.0):
             return True
         time.sleep(0.005)
     return condition()
+
+
+class LoopbackServer(object):
+    """A TCP server on a loopback address for stand-ins (an APPO Nginx, the PaaS upstream):
+    accepts on a thread, hands each connection to handle(conn) on a thread of its own."""
+
+    def __init__(self, host="127.0.0.1", port=0, backlog=256):
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(backlog)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            conn.settimeout(10)
+            self.handle(conn)
+        except OSError:
+            conn.close()
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self._sock.close()

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from support import IMAGE, ROOT, Service, free_port, wait_for
+from support import IMAGE, ROOT, LoopbackServer, Service, free_port, wait_for
 
 pytestmark = pytest.mark.docker
 LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
@@ -532,39 +532,21 @@ def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", 
     return nginx_conf, replaced
 
 
-class Counter(object):
+class Counter(LoopbackServer):
     """A loopback server that counts what reaches it (the PaaS upstream, the placeholder)."""
 
     def __init__(self, host, port):
         self.requests = []
-        self.connections = 0
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(64)
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._run, daemon=True).start()
+        LoopbackServer.__init__(self, host, port, backlog=64)
 
-    def _run(self):
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            try:
-                conn.settimeout(2)
-                data = conn.recv(4096)
-                if data:
-                    self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npaas")
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    def close(self):
-        self._sock.close()
+    def handle(self, conn):
+        try:
+            data = conn.recv(4096)
+            if data:
+                self.requests.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\npaas")
+        finally:
+            conn.close()
 
 
 def _openresty_modules():

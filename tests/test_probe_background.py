@@ -1,17 +1,16 @@
 """Probes off the request path, against a real engine and a stub APPO Nginx that can hang."""
-import socket
 import threading
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import COUNTING_DOCKER, Service, http, name_for, unique_app, wait_for
+from support import COUNTING_DOCKER, LoopbackServer, Service, http, name_for, unique_app, wait_for
 
 pytestmark = pytest.mark.docker
 
 
-class StubNginx(object):
+class StubNginx(LoopbackServer):
     """A loopback APPO Nginx stand-in: counts GET /o/<app>/ per app; apps in `hang` never
     get an answer (the connection is held open), the rest get 200."""
 
@@ -20,46 +19,31 @@ class StubNginx(object):
         self.counts = {}
         self._lock = threading.Lock()
         self._held = []
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(256)
-        self.port = self._sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        LoopbackServer.__init__(self)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
+    def handle(self, conn):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        try:
-            conn.settimeout(10)
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                request += chunk
-            app = request.split(b" ")[1].decode().split("/")[2]
-            with self._lock:
-                self.counts[app] = self.counts.get(app, 0) + 1
-            if app in self.hang:
-                self._held.append(conn)
-                return
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-            conn.close()
-        except OSError:
-            conn.close()
+            request += chunk
+        app = request.split(b" ")[1].decode().split("/")[2]
+        with self._lock:
+            self.counts[app] = self.counts.get(app, 0) + 1
+        if app in self.hang:
+            self._held.append(conn)
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        conn.close()
 
     def count(self, app):
         with self._lock:
             return self.counts.get(app, 0)
 
     def close(self):
-        self._sock.close()
+        LoopbackServer.close(self)
         for conn in self._held:
             conn.close()
 

@@ -254,12 +254,18 @@ def test_allow_list(harness):
     assert h.json("/health", remote="10.1.2.3")[0] == 200
 
 
-def test_probe_results_are_shared_by_apps_and_the_per_app_route(harness):
+def counting_probe():
+    """A probe that answers 200 for every app and records which it was asked: (probe, calls)."""
     calls = []
 
     def probe(app):
         calls.append(app)
         return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
+    return probe, calls
+
+
+def test_probe_results_are_shared_by_apps_and_the_per_app_route(harness):
+    probe, calls = counting_probe()
     h = harness(probe=probe)
     for _ in range(20):
         assert h.json("/apps/health/good")[0] == 200
@@ -295,11 +301,7 @@ def test_a_probe_that_raises_is_503_for_every_waiter(harness):
 
 
 def test_metrics_has_no_side_effects(harness):
-    calls = []
-
-    def probe(app):
-        calls.append(app)
-        return ProbeResult(True, "http://127.0.0.1:8010/o/%s/" % app, 200, None)
+    probe, calls = counting_probe()
     h = harness(probe=probe)
     h.snapshotter.get()
     fetches = h.fetch_calls

@@ -66,8 +66,18 @@ local function dict_set(dict, key, value, exptime)
     return ok
 end
 
+-- addr -> { app = true }: the fixed `apps` lists turned around once, not every round.
+local fixed_by_addr = {}
+
 function M.init(options)
     for k, v in pairs(options or {}) do conf[k] = v end
+    fixed_by_addr = {}
+    for app, list in pairs(conf.apps) do
+        for _, addr in ipairs(list) do
+            fixed_by_addr[addr] = fixed_by_addr[addr] or {}
+            fixed_by_addr[addr][app] = true
+        end
+    end
     conf.stale_after = conf.stale_after or conf.interval * (conf.fall + 1) + conf.timeout
     if not ngx.shared[conf.dict] then
         error("lua_shared_dict " .. conf.dict .. " is not declared")
@@ -347,9 +357,7 @@ local function check_round(premature)
         -- healthy or still in use (an unhealthy one nobody asks for expires); the fixed ones.
         local apps = {}
         for app in pairs(healthy or {}) do apps[app] = true end
-        for app, list in pairs(conf.apps) do
-            for _, a in ipairs(list) do if a == addr then apps[app] = true end end
-        end
+        for app in pairs(fixed_by_addr[addr] or {}) do apps[app] = true end
         local known = states[addr] or {}
         for app in pairs(known) do
             local value = dict:get("s:" .. app .. "|" .. addr)
@@ -361,10 +369,15 @@ local function check_round(premature)
         for app in pairs(apps) do
             observe(dict, app, addr, healthy ~= nil and healthy[app] == true, now, nil)
         end
-        -- Why, in the APPO's own few words, for the operators' matrix (written only on change).
+        -- Why, in the APPO's own few words, for the operators' matrix: written on change,
+        -- otherwise only kept from expiring (few apps are unhealthy at a time).
         for app, why in pairs(reasons) do
             local key = "w:" .. app .. "|" .. addr
-            if dict:get(key) ~= why then dict_set(dict, key, why, conf.forget_after) end
+            if dict:get(key) ~= why then
+                dict_set(dict, key, why, conf.forget_after)
+            else
+                dict:expire(key, conf.forget_after)
+            end
         end
     end
     ngx.update_time()
