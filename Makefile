@@ -35,6 +35,8 @@ rpm: venv
 
 bench: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench
+	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench-scale
+	scripts/bench-lua
 
 bench-scale: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench-scale
