@@ -1,4 +1,5 @@
 """Entry point: parse flags, set up logging, wire the parts, serve or check; exit codes."""
+import io
 import json
 import logging
 import os
@@ -6,7 +7,7 @@ import shutil
 import sys
 import time
 
-from healthcheck import __version__, drain, logs, terminal
+from healthcheck import __version__, drain, logs, terminal, text
 from healthcheck.checker import Checker
 from healthcheck.config import parse_args
 from healthcheck.docker import DockerCLI
@@ -109,7 +110,7 @@ def check(args):
     try:
         validate_app_code(args.app_code)
     except InvalidInput as exc:
-        sys.stdout.write(render_error(exc).body.decode("utf-8") + "\n")
+        write_json(render_error(exc).body)
         return EXIT_UNKNOWN
     # One probe, awaited until its own deadline: a command has no later request to wait for.
     service = Service(args, Metrics(), refresh_s=0.0, max_stale_s=0.0,
@@ -122,7 +123,7 @@ def check(args):
         answer = render_error(exc)
     finally:
         service.stop()
-    sys.stdout.write(answer.body.decode("utf-8") + "\n")
+    write_json(answer.body)
     if report is None:
         return EXIT_UNKNOWN
     return EXIT_HEALTHY if report.healthy else EXIT_UNHEALTHY
@@ -217,20 +218,54 @@ def apps_table(args):
         sys.stderr.write("container-healthcheck apps: %s\n" % problem)
         return EXIT_UNKNOWN
     if args.json:
-        sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        write_json(text.utf8(json.dumps(answer, ensure_ascii=False)))
     else:
-        sys.stdout.write(terminal.render_table(terminal.rows_from_apps_answer(answer)))
+        sys.stdout.write(terminal.render_table(terminal.rows_from_apps_answer(answer), sys.stdout.encoding))
     message = answer.get("message", {})
     return EXIT_HEALTHY if not message.get("unhealthy") and len(message.get("healthy", [])) == len(
         message.get("apps", {})) else EXIT_UNHEALTHY
 
 
+def write_json(body):
+    """JSON bytes as they are (UTF-8, as JSON is), whatever the locale's encoding."""
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # a text-only stream (tests): give it text
+        sys.stdout.write(body.decode("utf-8") + "\n")
+    else:
+        out.write(body + b"\n")
+        out.flush()
+
+
+def _never_raising_std_streams():
+    """stdout and stderr that show what their encoding cannot (the C locale's ASCII) as
+    \\uXXXX escapes instead of raising, so no output can turn an answer into a crash."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None or getattr(stream, "errors", None) == "backslashreplace":
+            continue
+        stream.flush()
+        setattr(sys, name, io.TextIOWrapper(buffer, encoding=stream.encoding or "utf-8", errors="backslashreplace",
+                                            line_buffering=True))
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "check":
-        return check(args)
-    if args.command == "apps":
-        return apps_table(args)
-    if args.command in ("drain", "undrain"):
-        return maintain(args)
-    return serve(args)
+    """Run a command; its exit code always means what README says (0 healthy, 1 unhealthy,
+    2 could not tell), even when something unforeseen fails."""
+    _never_raising_std_streams()
+    argv = [text.from_argv(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    args = parse_args(argv)
+    try:
+        if args.command == "check":
+            return check(args)
+        if args.command == "apps":
+            return apps_table(args)
+        if args.command in ("drain", "undrain"):
+            return maintain(args)
+        return serve(args)
+    except Exception as exc:  # a crash must not exit 1, which means "unhealthy"
+        log.exception("container-healthcheck %s failed", args.command)
+        sys.stderr.write("container-healthcheck %s: internal error: %s: %s\n" % (
+            args.command, type(exc).__name__, exc))
+        return EXIT_UNKNOWN

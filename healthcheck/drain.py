@@ -7,12 +7,17 @@ import tempfile
 import threading
 import time
 
+from healthcheck import text
+from healthcheck.matching import APP_CODE_RE
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/container-healthcheck"
 STATE_FILE_NAME = "drain.json"
 ALL_APPS = "*"  # the key of a host-wide drain
 _MAX_REASON = 200
+# A state file is a few hundred bytes; reading more than this is reading something else.
+_MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 class Drain(collections.namedtuple("Drain", "reason since")):
@@ -37,7 +42,7 @@ class DrainState(object):
 
     def drain(self, apps, reason, now):
         for app in apps or [ALL_APPS]:
-            self.drains[app] = Drain(reason[:_MAX_REASON], int(now))
+            self.drains[app] = Drain(clean_reason(reason), int(now))
 
     def undrain(self, apps):
         """Without apps: everything (the host and every app)."""
@@ -52,20 +57,38 @@ class DrainState(object):
                           indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text):
-        """:raises ValueError: not a drain state file."""
-        doc = json.loads(text)
+    def from_json(cls, text_in):
+        """(DrainState, problems): every entry that can be read is honoured (a drained app
+        stays drained though its neighbour's entry is garbage); what cannot be read or shown
+        is replaced or left out, and said in problems (a list of words, empty when clean).
+        :raises ValueError: not a drain state file at all."""
+        doc = json.loads(text_in)
         if not isinstance(doc, dict) or not isinstance(doc.get("drains"), dict):
             raise ValueError("no `drains` object")
-        drains = {}
+        drains, problems = {}, []
         for app, entry in doc["drains"].items():
-            if not isinstance(app, str) or not isinstance(entry, dict):
-                raise ValueError("bad entry for %r" % (app,))
+            if app != ALL_APPS and not APP_CODE_RE.fullmatch(app):
+                problems.append("entry %s is not an app code: ignored" % ascii(app)[:80])
+                continue
+            if not isinstance(entry, dict):
+                problems.append("entry %s is not an object: drained, without a reason" % app)
+                entry = {}
             reason, since = entry.get("reason", ""), entry.get("since", 0)
-            if not isinstance(reason, str) or not isinstance(since, (int, float)) or isinstance(since, bool):
-                raise ValueError("bad entry for %r" % (app,))
-            drains[app] = Drain(reason[:_MAX_REASON], int(since))
-        return cls(drains)
+            if not isinstance(reason, str):
+                problems.append("reason of %s is not a string: dropped" % app)
+                reason = ""
+            elif reason != clean_reason(reason):
+                problems.append("reason of %s had characters that cannot be shown: replaced" % app)
+            if not isinstance(since, (int, float)) or isinstance(since, bool) or not 0 <= since < 1e11:
+                problems.append("since of %s is not a time: 0 used" % app)
+                since = 0
+            drains[app] = Drain(clean_reason(reason), int(since))
+        return cls(drains), problems
+
+
+def clean_reason(reason):
+    """An operator's words as every answer can carry them: valid UTF-8, one line, bounded."""
+    return text.one_line(reason, _MAX_REASON).strip()
 
 
 def state_path(state_dir):
@@ -73,21 +96,27 @@ def state_path(state_dir):
 
 
 def load(path):
-    """(DrainState, problem): a missing file is no drain; a corrupt one is no drain plus the
-    problem in words, never an exception."""
+    """(DrainState, problem): a missing file is no drain; a file that is not a drain state
+    file is no drain plus the problem in words; a readable file with bad entries keeps what
+    can be read, plus the problem. Never an exception."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read(1024 * 1024)
+        with open(path, "rb") as handle:
+            raw = handle.read(_MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         return DrainState(), None
-    except UnicodeDecodeError:
-        return DrainState(), "%s is not a drain state file (not UTF-8): treated as not drained" % path
     except OSError as exc:
         return DrainState(), "cannot read %s: %s" % (path, exc.strerror or exc)
+    if len(raw) > _MAX_FILE_BYTES:
+        return DrainState(), "%s is not a drain state file (over %d bytes): treated as not drained" % (
+            path, _MAX_FILE_BYTES)
     try:
-        return DrainState.from_json(text), None
-    except ValueError as exc:
-        return DrainState(), "%s is not a drain state file (%s): treated as not drained" % (path, exc)
+        state, problems = DrainState.from_json(raw.decode("utf-8", "replace"))
+    except (ValueError, RecursionError) as exc:
+        return DrainState(), "%s is not a drain state file (%s): treated as not drained" % (
+            path, text.one_line(str(exc), 200))
+    if problems:
+        return state, "%s: %s" % (path, "; ".join(problems[:10]) + ("; ..." if len(problems) > 10 else ""))
+    return state, None
 
 
 def save(path, state):
@@ -147,7 +176,7 @@ class DrainWatcher(object):
                 state, problem = load(self.path)
                 if problem:
                     log.warning("%s", problem)
-                elif state.drains != self._state.drains:
+                if state.drains != self._state.drains:
                     log.warning("drain state now: %s", ", ".join(
                         "%s (%s)" % ("all apps" if app == ALL_APPS else app, d.describe())
                         for app, d in sorted(state.drains.items())) or "nothing drained")

@@ -1,6 +1,7 @@
 """Logging set-up: logfmt lines like logrus' text format, to stderr (journald) or a file
 under --logpath, appended, reopened on SIGHUP."""
 import collections
+import io
 import json
 import logging
 import os
@@ -20,9 +21,19 @@ _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@^+-]+\Z")
 
 
+def loggable(text):
+    """text that any log stream can take: a lone surrogate (undecodable input) is written
+    as its \\udcXX escape instead of making the handler drop the line."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def logfmt_value(value):
     """A value as logrus writes it: bare when safe, else double-quoted with escapes."""
-    text = str(value)
+    text = loggable(str(value))
     if _BARE_VALUE.match(text):
         return text
     return json.dumps(text, ensure_ascii=False)
@@ -40,12 +51,33 @@ class LogfmtFormatter(logging.Formatter):
     holds (newlines in messages and tracebacks are escaped, never split)."""
 
     def format(self, record):
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception as exc:  # a bad format string or argument must not lose the event
+            message = "%r %% %r (unformattable: %s)" % (record.msg, record.args, exc)
         if record.exc_info:
             message = message + "\n" + self.formatException(record.exc_info)
+        message = loggable(message)
         return 'time="%s" level=%s msg=%s logger=%s' % (
             logfmt_time(record.created), _LEVEL_NAMES.get(record.levelno, "info"),
             json.dumps(message, ensure_ascii=False), logfmt_value(record.name))
+
+
+def utf8_stderr():
+    """stderr writing UTF-8 whatever the locale (journald and logrus take UTF-8; 3.6 in the
+    C locale would write \\uXXXX escapes); never raises on what it is given."""
+    global _utf8_stderr
+    stream = sys.stderr
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None or (stream.encoding or "").lower().replace("-", "") == "utf8":
+        return stream
+    if _utf8_stderr is None or _utf8_stderr.buffer is not buffer:
+        # Kept for the life of the process: a collected wrapper would close stderr's buffer.
+        _utf8_stderr = io.TextIOWrapper(buffer, encoding="utf-8", errors="backslashreplace", line_buffering=True)
+    return _utf8_stderr
+
+
+_utf8_stderr = None
 
 
 class ReopenableFileHandler(logging.FileHandler):
@@ -95,7 +127,7 @@ def configure(level="info", logpath=None):
             sys.stderr.write("container-healthcheck: cannot write logs under %s (%s); logging to stderr\n"
                              % (logpath, exc))
     if file_handler is None:
-        stream = logging.StreamHandler(sys.stderr)
+        stream = logging.StreamHandler(utf8_stderr())
         stream.setFormatter(formatter)
         root.addHandler(stream)
     return file_handler

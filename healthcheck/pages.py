@@ -4,6 +4,8 @@ import hashlib
 import html
 import time
 
+from healthcheck import text
+
 # The same look as the entry Nginx's matrix (scripts/nginx/container_healthcheck.lua).
 STYLE = (
     "body{font:13px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}"
@@ -62,12 +64,12 @@ def _age(seconds):
 
 
 def _page(title, meta, body, refresh_s, query):
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return text.utf8("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta http-equiv=\"refresh\" content=\"%d\"><title>%s</title><style>%s</style></head><body>"
             "<header><h1>%s</h1><span class=\"meta\">%s</span>"
             "<form method=\"get\"><input id=\"filter\" name=\"q\" placeholder=\"filter apps\" value=\"%s\" "
             "autocomplete=\"off\"></form></header>%s<script>%s</script></body></html>\n" % (
-                refresh_s, _e(title), STYLE, _e(title), meta, _e(query), body, SCRIPT)).encode("utf-8")
+                refresh_s, _e(title), STYLE, _e(title), meta, _e(query), body, SCRIPT))
 
 
 def _verdict_cell(report):

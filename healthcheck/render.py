@@ -3,7 +3,7 @@ import collections
 import json
 import threading
 
-from healthcheck import errors
+from healthcheck import errors, text
 from healthcheck.models import error_envelope, ok_envelope
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -15,8 +15,8 @@ _MEMO_MAX = 8192
 
 
 def encode(envelope):
-    """Compact UTF-8 JSON, the same bytes for the same envelope."""
-    return json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """Compact UTF-8 JSON, the same bytes for the same envelope; never raises on odd text."""
+    return text.utf8(json.dumps(envelope, ensure_ascii=False, separators=(",", ":")))
 
 
 def status_of(exc):

@@ -1,6 +1,8 @@
 """This host's apps as an aligned table for a terminal, like `docker ps` (pure)."""
 import unicodedata
 
+from healthcheck import text
+
 COLUMNS = ("APP", "VERDICT", "WHY", "CONTAINER", "STATUS", "HEALTH", "PROBE", "CONTAINERS")
 
 
@@ -20,9 +22,9 @@ def _pad(text, width):
 
 
 def _clean(value, limit=60):
-    text = "" if value is None else str(value)
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    return text if display_width(text) <= limit else text[:limit - 1] + "…"
+    shown = text.one_line("" if value is None else str(value))
+    shown = "".join(ch if ch.isprintable() else " " for ch in shown)
+    return shown if display_width(shown) <= limit else shown[:limit - 1] + "…"
 
 
 def rows_from_apps_answer(answer):
@@ -50,9 +52,13 @@ def rows_from_apps_answer(answer):
     return [cells for _, _, cells in rows]
 
 
-def render_table(rows, columns=COLUMNS):
-    """Columns aligned by display width, two spaces apart."""
-    cells = [tuple(_clean(c) for c in columns)] + [tuple(_clean(c) for c in row) for row in rows]
+def render_table(rows, encoding="utf-8", columns=COLUMNS):
+    """Columns aligned by display width, two spaces apart. What `encoding` (the terminal's)
+    cannot show, e.g. CJK under the C locale's ASCII, is shown as \\uXXXX escapes, and
+    aligned as printed."""
+    def cell(value):
+        return text.for_encoding(_clean(value), encoding or "utf-8")
+    cells = [tuple(cell(c) for c in columns)] + [tuple(cell(c) for c in row) for row in rows]
     widths = [max(display_width(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for row in cells:

@@ -238,3 +238,15 @@ class LoopbackServer(object):
 
     def close(self):
         self._sock.close()
+
+
+# How CentOS 7 runs commands from cron, `env -i` or ssh: the C locale, where Python 3.6
+# has ASCII stdio and surrogate-escaped argv. 3.7+ coerce C to UTF-8 unless told not to.
+C_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
+
+
+def run_cli(*args, env=None, timeout=60):
+    """`python -m healthcheck ARGS` as an operator runs it; stdout and stderr as bytes, so a
+    test sees exactly what was written."""
+    return subprocess.run([sys.executable, "-m", "healthcheck"] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), timeout=timeout)

@@ -2,6 +2,7 @@
 scriptlet really run (in a busybox scratch root with logging stubs for systemctl and the user
 tools): fresh install, upgrade over a replica of the Go tool's package, 2.x -> 2.y, erase;
 plus an install whose launcher serves against the real Docker engine."""
+import json
 import os
 import shutil
 import subprocess
@@ -140,6 +141,46 @@ def test_installed_launcher_serves_against_real_docker(rpms, tmp_path, docker):
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+def _pythons_36_and_current():
+    """The interpreters to run the launcher with: CentOS 7's 3.6 when this machine has one
+    (pyenv), and the current one."""
+    found = [sys.executable]
+    for candidate in ("/root/.pyenv/versions/3.6.15/bin/python3.6", shutil.which("python3.6") or ""):
+        if candidate and os.path.exists(candidate):
+            found.insert(0, os.path.realpath(candidate))
+            break
+    return found
+
+
+def test_launcher_in_the_c_locale_with_no_lang(rpms, tmp_path, docker):
+    """As cron or `env -i` runs it on CentOS 7: no LANG at all, so 3.6 has ASCII stdio and
+    surrogate-escaped argv; CJK and accents in a container's command and a drain reason."""
+    root = _install(tmp_path, rpms["current"])
+    launcher = str(root / "usr/bin/container-healthcheck")
+    app = unique_app("rl")
+    docker.run(name_for(app, 1712345678), cmd=("sh", "-c", "sleep 3600 # café 内核"))
+    pattern = ["--ngx-port", "0", "--name-pattern", "{app}-1712345678"]
+    for python in _pythons_36_and_current():
+        env = {"PATH": "/usr/bin:/bin", "DOCKER_HOST": os.environ.get("DOCKER_HOST", ""), "PYTHON": python}
+        state = str(tmp_path / ("state-%d" % len(python)))
+
+        def launch(*args):
+            return subprocess.run([launcher] + list(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=60)
+        done = launch("check", app, *pattern)
+        assert done.returncode == 0, (python, done.stderr)
+        assert "café 内核" in json.loads(done.stdout.decode("utf-8"))["message"]["command"]
+        done = launch("apps", "--json", "--direct", *pattern)
+        assert done.returncode == 0, (python, done.stderr)
+        assert json.loads(done.stdout.decode("utf-8"))["message"]["healthy"] == [app]
+        done = launch("drain", "--app", app, "--reason", "内核升级", "--state-dir", state)
+        assert done.returncode == 0, (python, done.stderr)
+        with open(os.path.join(state, "drain.json"), encoding="utf-8") as handle:
+            assert json.load(handle)["drains"][app]["reason"] == "内核升级", python
+        assert launch("undrain", "--state-dir", state).returncode == 0
+        assert launch("--version").returncode == 0
 
 
 def _status(port, path):

@@ -53,3 +53,20 @@ def test_rows_from_an_apps_answer_put_unhealthy_first():
     assert [r[:3] for r in rows] == [("bad", "UNHEALTHY", "probe 502"), ("off", "draining", "draining: 维护"),
                                      ("ok", "healthy", "")]
     assert rows[0][6] == "502" and rows[1][3] == "" and rows[2][3] == "ok-1709878117"
+
+
+def test_an_ascii_terminal_gets_escapes_aligned_as_printed():
+    """The C locale's ASCII stdout cannot show CJK: the table shows \\uXXXX escapes (never a
+    crash) and aligns the columns on what it prints."""
+    rows = [
+        ("bk_iam", "draining", "draining: 内核升级", "bk_iam-1709878117", "Up 2 hours", "healthy", "200", "1"),
+        ("a", "healthy", "", "a-1709878117", "Up 1 second", "none", "200", "1"),
+    ]
+    text = render_table(rows, "ascii")
+    text.encode("ascii")  # every character printable on that terminal
+    lines = text.splitlines()
+    assert "draining: \\u5185\\u6838\\u5347\\u7ea7" in lines[1]
+    header = _column_starts(lines[0], COLUMNS)
+    printed = [c.replace("内核升级", "\\u5185\\u6838\\u5347\\u7ea7") for c in rows[0]]
+    assert _column_starts(lines[1], printed) == header
+    assert _column_starts(lines[2], [c for c in rows[1] if c])[2:] == header[3:]

@@ -1,0 +1,20 @@
+"""Log writing never raises and never drops a line for the text it is given."""
+import logging
+
+from healthcheck import logs
+from support import parse_logfmt
+
+
+def test_any_text_is_written_to_the_log_file(tmp_path):
+    handler = logs.configure("info", str(tmp_path))
+    try:
+        log = logging.getLogger("healthcheck.test")
+        log.warning("reason %s from %s", "\udce5\udc86 内核", "\x00\n")
+        log.warning("bad format %d", "not a number")
+        handler.flush()
+    finally:
+        logs.configure("info", None)
+    lines = (tmp_path / logs.LOG_FILE_NAME).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    assert parse_logfmt(lines[0])["msg"] == "reason \\udce5\\udc86 内核 from \x00\n"
+    assert "unformattable" in parse_logfmt(lines[1])["msg"]

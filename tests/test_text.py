@@ -1,0 +1,40 @@
+"""Outside text made safe: argv under the C locale, lone surrogates, control characters."""
+import pytest
+
+from healthcheck import text
+
+
+def test_argv_bytes_are_read_as_utf8():
+    # What 3.6 hands main() for `--reason 内核升级` under the C locale (ASCII + surrogateescape).
+    escaped = "内核升级".encode("utf-8").decode("ascii", "surrogateescape")
+    assert text.from_argv(escaped) == "内核升级"
+    assert text.from_argv("plain") == "plain"
+    # not UTF-8 at all (a GBK terminal): replaced, never a lone surrogate
+    gbk = "内核".encode("gbk").decode("ascii", "surrogateescape")
+    assert "\ufffd" in text.from_argv(gbk) and not text.has_surrogates(text.from_argv(gbk))
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("a\udce5b", "a\ufffdb"),
+    ("line\nbreak\ttab\x00nul\x85", "line break tab nul "),
+    ("内核 é", "内核 é"),
+])
+def test_one_line(raw, shown):
+    assert text.one_line(raw) == shown
+    assert text.one_line(raw * 100, 10) == (shown * 100)[:10]
+
+
+def test_utf8_never_raises():
+    assert text.utf8("é\udce5") == "é\ufffd".encode("utf-8")
+    assert text.utf8("内核") == "内核".encode("utf-8")
+
+
+@pytest.mark.parametrize("encoding, shown", [
+    ("utf-8", "内核 é"),
+    ("ascii", "\\u5185\\u6838 \\xe9"),
+    ("ANSI_X3.4-1968", "\\u5185\\u6838 \\xe9"),  # what 3.6 calls the C locale's encoding
+    ("latin-1", "\\u5185\\u6838 é"),
+    ("no-such-codec", "\\u5185\\u6838 \\xe9"),
+])
+def test_for_encoding(encoding, shown):
+    assert text.for_encoding("内核 é", encoding) == shown
