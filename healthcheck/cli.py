@@ -13,6 +13,7 @@ from healthcheck.config import parse_args
 from healthcheck.docker import DockerCLI
 from healthcheck.errors import HealthcheckError, InvalidInput
 from healthcheck.events import EventsWatcher
+from healthcheck.feed import Feed
 from healthcheck.matching import NamePattern, validate_app_code
 from healthcheck.metrics import Metrics
 from healthcheck.probe import probe_app, probe_url
@@ -30,22 +31,33 @@ class Service(object):
     """Everything one running instance owns, started and stopped together."""
 
     def __init__(self, args, metrics, refresh_s, max_stale_s, probe_ttl_s=2.0, probe_workers=1,
-                 events=False, safety_refresh_s=60.0, probe_wait_s=None):
+                 events=False, safety_refresh_s=60.0, probe_wait_s=None, feed_waiters=None):
         self.metrics = metrics
+        self.feed = None  # made below once the checker exists; pokes before that are dropped
         self.drains = drain.DrainWatcher(drain.state_path(args.state_dir))
         self.docker = DockerCLI(args.docker_bin, args.docker_timeout, env=os.environ,
                                 observe=metrics.docker_call)
         self.snapshotter = Snapshotter(self.docker.list_containers, refresh_s, max_stale_s,
-                                       wait_s=args.docker_timeout + 0.5, safety_refresh_s=safety_refresh_s)
-        self.prober = _make_prober(args, metrics, probe_ttl_s, probe_workers) if args.ngx_port else None
+                                       wait_s=args.docker_timeout + 0.5, safety_refresh_s=safety_refresh_s,
+                                       on_change=self._poke_feed)
+        self.prober = _make_prober(args, metrics, probe_ttl_s, probe_workers, self._poke_feed) \
+            if args.ngx_port else None
         self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), prober=self.prober,
                                probe_wait_s=args.probe_timeout if probe_wait_s is None else probe_wait_s,
                                observe=VerdictLog(), drains=self.drains)
         self.events = EventsWatcher(self.docker, self.snapshotter.invalidate, metrics,
                                     on_up=self.snapshotter.set_events_up) if events else None
+        if feed_waiters is not None:
+            self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_ages, feed_waiters)
         metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
 
+    def _poke_feed(self):
+        if self.feed is not None:
+            self.feed.poke()
+
     def start(self):
+        if self.feed is not None:
+            self.feed.start()
         self.snapshotter.start()
         if self.prober is not None:
             self.prober.start()
@@ -59,16 +71,20 @@ class Service(object):
         if self.prober is not None:
             self.prober.stop()
         self.snapshotter.stop()
+        if self.feed is not None:
+            self.feed.stop()
 
 
-def _make_prober(args, metrics, ttl_s, workers):
+def _make_prober(args, metrics, ttl_s, workers, on_change):
     def probe(app):
         return probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
 
     def observe(app, result, changed):
         metrics.probe_done(result)
-        if changed and not result.ok:
-            log.warning("probe for %s: %s", app, result.describe())
+        if changed:
+            on_change()
+            if not result.ok:
+                log.warning("probe for %s: %s", app, result.describe())
 
     return Prober(probe, ttl_s, workers, observe=observe,
                   url_of=lambda app: probe_url(app, args.ngx_port, args.ngx_host))
@@ -87,9 +103,11 @@ def serve(args):
     metrics = Metrics()
     service = Service(args, metrics, args.refresh, args.max_stale, args.probe_ttl,
                       args.probe_concurrency, events=not args.no_events,
-                      safety_refresh_s=args.safety_refresh).start()
+                      safety_refresh_s=args.safety_refresh,
+                      feed_waiters=min(args.feed_waiters, args.threads - 1)).start()
     access_log = logs.AccessLog().start()
-    app = web.Instrumented(web.make_app(service.checker, metrics, args.prefix), metrics, args.allow, access_log)
+    app = web.Instrumented(web.make_app(service.checker, metrics, args.prefix, feed=service.feed), metrics,
+                           args.allow, access_log)
     http = server.make_server(app, args.bind, args.port, threads=args.threads, backlog=args.backlog)
     log.warning("container-healthcheck %s: docker=%s refresh=%gs max-stale=%gs ngx-port=%d prefix=%s",
                 __version__, args.docker_bin, args.refresh, args.max_stale, args.ngx_port, args.prefix or "/")

@@ -143,6 +143,9 @@ def build_parser():
     add("--probe-concurrency", type=_count, default=32,
         help="probes running at once in the background (default 32)")
     add("--threads", type=_count, default=16, help="HTTP worker threads (default 16)")
+    add("--feed-waiters", type=_count, default=8,
+        help="entry balancers' feed requests that may wait at once, each holding a thread (default 8; "
+             "at most threads - 1; the rest are answered at once)")
     add("--backlog", type=_count, default=1024, help="listen backlog (default 1024)")
     _add_common(serve)
 

@@ -26,8 +26,10 @@ class Snapshotter(object):
     """
 
     def __init__(self, fetch, refresh_s=2.0, max_stale_s=10.0, wait_s=6.0, retry_s=0.5,
-                 settle_s=0.3, safety_refresh_s=60.0, clock=time.monotonic):
+                 settle_s=0.3, safety_refresh_s=60.0, clock=time.monotonic, on_change=None):
         self._fetch = fetch
+        # on_change(): called (outside the lock) after each fetch, so pushed answers follow.
+        self._on_change = on_change
         self.refresh_s = refresh_s
         # While the events stream is up, events say when to look again; this slow refresh
         # only guards against a stream that is up but silent (and ages Docker's Status text).
@@ -174,3 +176,5 @@ class Snapshotter(object):
                     self._error = error
                     self._error_at = self._clock()
                 self._cond.notify_all()
+            if self._on_change is not None:
+                self._on_change()

@@ -8,7 +8,7 @@ import time
 
 import bottle
 
-from healthcheck import __version__, errors, pages, render
+from healthcheck import __version__, errors, feed as feeds, pages, render
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from healthcheck.models import error_envelope, ok_envelope
@@ -28,8 +28,9 @@ def load_openapi(prefix):
     return document
 
 
-def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, host=None):
-    """The Bottle app: routes under prefix, each mapped to the checker and the render layer."""
+def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, host=None, feed=None):
+    """The Bottle app: routes under prefix, each mapped to the checker and the render layer;
+    feed: the entry balancers' Feed (None: its route answers 404 code 14)."""
     app = bottle.Bottle(catchall=True, autojson=False)
     renderer = renderer or render.Renderer()
     openapi_body = render.encode(load_openapi(prefix))
@@ -99,6 +100,15 @@ def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, h
         include_all = flags.get("all", False)
         return renderer.apps(checker.check_all(include_all), include_all)
 
+    @route("/apps/feed")
+    def apps_feed(_flags):
+        if feed is None:
+            raise errors.InvalidInput("the feed is not served by this instance")
+        client_index, wait_s = feed_query()
+        index, verdicts, stale_s, held = feed.answer(client_index, wait_s)
+        return render.Rendered(200, feeds.CONTENT_TYPE,
+                               feeds.render_feed(index, verdicts, feed.ages(), held, stale_s))
+
     @route("/metrics")
     def prometheus(_flags):
         return render.Rendered(200, METRICS_CONTENT_TYPE, metrics.render())
@@ -150,6 +160,27 @@ def query_flags(allowed):
         else:
             raise errors.InvalidInput("query parameter %s must be true or false, not %s" % (name, _printable(value)[:64]))
     return flags
+
+
+def feed_query():
+    """(index or None, wait seconds) of a feed request.
+    :raises InvalidInput: index is not a whole number, or wait not 0..5 seconds."""
+    query = bottle.request.query
+    index, wait = query.get("index"), query.get("wait")
+    try:
+        index = int(index) if index not in (None, "") else None
+        if index is not None and index < 0:
+            raise ValueError
+    except ValueError:
+        raise errors.InvalidInput("query parameter index must be a whole number >= 0, not %s" % _printable(index)[:64])
+    try:
+        wait_s = float(wait) if wait not in (None, "") else feeds.DEFAULT_WAIT_S
+        if not 0 <= wait_s <= feeds.MAX_WAIT_S:
+            raise ValueError
+    except ValueError:
+        raise errors.InvalidInput("query parameter wait must be 0..%g seconds, not %s" % (
+            feeds.MAX_WAIT_S, _printable(wait)[:64]))
+    return index, wait_s
 
 
 def _printable(text):
@@ -204,7 +235,9 @@ class Instrumented(object):
         route = environ.get("bottle.route")
         label = route.rule if route is not None else ("forbidden" if status == 403 else "unmatched")
         self._metrics.http_request(label, status)
-        if self._access_log is not None:
+        # The feed is asked once a second per entry balancer: its plain answers are counted
+        # in /metrics, not written line by line.
+        if self._access_log is not None and not (status == 200 and label.endswith("/apps/feed")):
             path = environ.get("PATH_INFO", "")
             query = environ.get("QUERY_STRING")
             if query:

@@ -1,0 +1,184 @@
+"""The entry balancers' feed: every app's verdict on this host, pushed by blocking queries.
+
+Like Consul's blocking queries: a client sends the `index` it last saw and is answered at
+once when the verdicts changed since, else after `wait` seconds with the same index (a
+heartbeat, whose absence tells the client this host is hung). Answers are complete and
+short, so they pass the APPO Nginx's buffering and default timeouts unchanged.
+"""
+import collections
+import logging
+import threading
+import time
+
+from healthcheck import errors
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "container-healthcheck-feed"
+FORMAT_VERSION = 1
+CONTENT_TYPE = "text/plain; charset=utf-8"
+DEFAULT_WAIT_S = 1.0
+MAX_WAIT_S = 5.0
+
+# One app's line: healthy or not, and the short reason (empty when healthy).
+Verdict = collections.namedtuple("Verdict", "app healthy short")
+
+
+def verdicts_of(view):
+    """The verdict lines of an AppsView, in app order (what the index tracks)."""
+    return tuple(Verdict(r.app, r.healthy, r.short) for r in view.reports)
+
+
+def render_feed(index, verdicts, ages, held, stale_s=None):
+    """The feed answer (pure). Format, version 1 (README "The entry's feed"):
+
+        container-healthcheck-feed 1
+        index <n>
+        held <0|1>
+        [stale <seconds>]
+        apps <count>
+        <app> <1|0> <age> [<short reason>]
+        ...
+        end
+
+    age: seconds since the probe result the verdict rests on finished, or `-` when no probe
+    applies; an ejecting client trusts a healthy line only when its evidence is newer than
+    the ejection. Unknown lines are to be ignored by readers; `end` proves the answer whole.
+    """
+    lines = ["%s %d" % (FORMAT_NAME, FORMAT_VERSION), "index %d" % index, "held %d" % (1 if held else 0)]
+    if stale_s is not None:
+        lines.append("stale %.1f" % stale_s)
+    lines.append("apps %d" % len(verdicts))
+    for verdict in verdicts:
+        age = ages.get(verdict.app)
+        line = "%s %d %s" % (verdict.app, 1 if verdict.healthy else 0, "-" if age is None else "%.1f" % max(age, 0.0))
+        if verdict.short:
+            line += " " + verdict.short
+        lines.append(line)
+    lines.append("end")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+class Feed(object):
+    """Keeps the verdict index: a builder thread recomputes every app's verdict when poked
+    (a new container list, a probe result that changed) and every tick_s (drain file,
+    ages), and bumps the index when any verdict or reason changed. Clients wait for it.
+
+    view_of(): an AppsView (raises DockerError); probe_ages(): {app: seconds}.
+    max_waiters: requests allowed to wait at once, so waiting entries never hold every
+    worker thread; the rest are answered at once (held 0) and come back later.
+    The builder runs only while someone read the feed within idle_s: no entry, no cost.
+    """
+
+    def __init__(self, view_of, probe_ages, max_waiters=8, tick_s=0.5, idle_s=30.0, clock=time.monotonic):
+        self._view_of = view_of
+        self._probe_ages = probe_ages
+        self._tick_s = tick_s
+        self._idle_s = idle_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._slots = threading.BoundedSemaphore(max_waiters)
+        # Deciseconds since the epoch: a restarted service never repeats a client's index.
+        self._index = int(time.time() * 10)
+        self._verdicts = None
+        self._stale_s = None
+        self._error = None
+        self._poked = False
+        self._read_at = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="feed", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s=2.0):
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def poke(self):
+        """Something an answer depends on changed: rebuild now (cheap when nobody reads)."""
+        with self._cond:
+            self._poked = True
+            self._cond.notify_all()
+
+    def answer(self, client_index, wait_s):
+        """(index, verdicts, stale_s, held) once the index differs from client_index or wait_s
+        passed. client_index None: at once.
+        :raises DockerError: docker does not answer and no recent list exists."""
+        now = self._clock()
+        with self._cond:
+            first_read = self._read_at is None or now - self._read_at > self._idle_s
+            self._read_at = now
+            if first_read or self._verdicts is None and self._error is None:
+                self._poked = True
+                self._cond.notify_all()
+        held = False
+        if client_index is not None and wait_s > 0 and self._slots.acquire(blocking=False):
+            held = True
+            try:
+                deadline = now + wait_s
+                with self._cond:
+                    while not self._stopped and self._current_index_is(client_index):
+                        remaining = deadline - self._clock()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+            finally:
+                self._slots.release()
+        else:
+            self._wait_first_build(self._clock() + 6.0)
+        with self._cond:
+            if self._error is not None and self._verdicts is None:
+                raise self._error
+            return self._index, self._verdicts or (), self._stale_s, held
+
+    def ages(self):
+        return self._probe_ages()
+
+    def _current_index_is(self, client_index):
+        return self._index == client_index or (self._verdicts is None and self._error is None)
+
+    def _wait_first_build(self, deadline):
+        with self._cond:
+            while not self._stopped and self._verdicts is None and self._error is None:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise errors.DockerTimeout("no container list from docker yet")
+                self._cond.wait(remaining)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopped or self._poked, self._tick_s)
+                if self._stopped:
+                    return
+                self._poked = False
+                # Nobody reads the feed: build nothing (building asks about every app, which
+                # would keep every app probed for a reader that is gone).
+                if self._read_at is None or self._clock() - self._read_at > self._idle_s:
+                    continue
+            self._build()
+
+    def _build(self):
+        verdicts, stale_s, error = None, None, None
+        try:
+            view = self._view_of()
+            verdicts, stale_s = verdicts_of(view), view.stale_s
+        except errors.DockerError as exc:
+            error = exc
+        except Exception as exc:  # a bug must not stop the feed: clients see an error, not silence
+            log.exception("building the feed failed")
+            error = errors.HealthcheckError("internal error building the feed: %s" % type(exc).__name__)
+        with self._cond:
+            if error is not None:
+                changed = self._error is None or str(self._error) != str(error) or self._verdicts is not None
+                self._error, self._verdicts, self._stale_s = error, None, None
+            else:
+                changed = verdicts != self._verdicts or self._error is not None
+                self._error, self._verdicts, self._stale_s = None, verdicts, stale_s
+            if changed:
+                self._index += 1
+                self._cond.notify_all()

@@ -1,0 +1,121 @@
+"""The entry's feed: its format, the index, blocking waits, bounded waiters, no work unread."""
+import threading
+import time
+
+import pytest
+
+from healthcheck import errors
+from healthcheck.checker import AppsView
+from healthcheck.feed import Feed, Verdict, render_feed
+from healthcheck.models import HealthReport
+from support import until
+
+
+def test_format_version_1():
+    body = render_feed(42, (Verdict("bk_iam", True, ""), Verdict("demo", False, "probe 502"),
+                            Verdict("off", False, "draining: 内核升级")), {"bk_iam": 0.44, "demo": 1.0}, True, 3.25)
+    assert body.decode("utf-8") == (
+        "container-healthcheck-feed 1\nindex 42\nheld 1\nstale 3.2\napps 3\n"
+        "bk_iam 1 0.4\ndemo 0 1.0 probe 502\noff 0 - draining: 内核升级\nend\n")
+
+
+class Views(object):
+    """What the checker would say: set .apps to {app: (healthy, short)}, or .error."""
+
+    def __init__(self):
+        self.apps = {"a": (True, "")}
+        self.error = None
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        reports = [HealthReport(app, healthy, "", None, [], None, None, short)
+                   for app, (healthy, short) in sorted(self.apps.items())]
+        return AppsView(reports, 0.0, None)
+
+
+@pytest.fixture
+def feed():
+    views = Views()
+    instance = Feed(views, lambda: {"a": 0.5}, max_waiters=2, tick_s=0.05).start()
+    instance.views = views
+    yield instance
+    instance.stop()
+
+
+def test_a_change_answers_a_waiting_client_at_once(feed):
+    index, verdicts, stale_s, held = feed.answer(None, 1.0)
+    assert verdicts == (Verdict("a", True, ""),) and stale_s is None and not held
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append((time.monotonic(), feed.answer(index, 5.0))))
+    waiter.start()
+    time.sleep(0.2)
+    assert not answers  # nothing changed: still waiting
+    changed_at = time.monotonic()
+    feed.views.apps["a"] = (False, "exited")
+    feed.poke()
+    waiter.join(5)
+    answered_at, (new_index, verdicts, _, held) = answers[0]
+    assert new_index == index + 1 and verdicts == (Verdict("a", False, "exited"),) and held
+    assert answered_at - changed_at < 1.0  # at once, not at the end of the 5 s wait
+
+
+def test_no_change_is_a_heartbeat_after_wait_with_the_same_index(feed):
+    index = feed.answer(None, 0)[0]
+    started = time.monotonic()
+    assert feed.answer(index, 0.3)[0] == index
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert feed.answer(index + 7, 5.0)[0] == index  # a client with another index: at once
+
+
+def test_waiters_beyond_the_limit_are_answered_at_once(feed):
+    index = feed.answer(None, 0)[0]
+    waiters = [threading.Thread(target=feed.answer, args=(index, 1.5)) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert feed.answer(index, 1.5)[3] is False  # not held: no free slot
+    assert time.monotonic() - started < 0.5
+    for waiter in waiters:
+        waiter.join(5)
+    assert feed.answer(index, 0.1)[3] is True  # slots are given back
+
+
+def test_nobody_reading_means_no_work():
+    views = Views()
+    feed = Feed(views, dict, tick_s=0.01, idle_s=0.2).start()
+    try:
+        for _ in range(5):
+            feed.poke()
+        time.sleep(0.1)
+        assert views.calls == 0  # pokes without a reader build nothing (and probe nothing)
+        feed.answer(None, 0)
+        assert until(lambda: views.calls >= 3)  # read: rebuilt every tick
+        time.sleep(0.3)
+        calls = views.calls
+        time.sleep(0.2)
+        assert views.calls == calls  # the reader went away: building stops
+    finally:
+        feed.stop()
+
+
+def test_docker_failure_is_raised_then_recovery_moves_the_index(feed):
+    index = feed.answer(None, 0)[0]
+    feed.views.error = errors.DockerUnreachable("docker daemon unreachable: down")
+    feed.poke()
+    assert until(lambda: _raises(feed))
+    feed.views.error = None
+    feed.poke()
+    assert until(lambda: not _raises(feed))
+    assert feed.answer(None, 0)[0] >= index + 2
+
+
+def _raises(feed):
+    try:
+        feed.answer(None, 0)
+    except errors.DockerError:
+        return True
+    return False
