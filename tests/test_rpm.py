@@ -14,7 +14,7 @@ from support import ROOT, free_port, get_json, name_for, unique_app, wait_for
 
 pytestmark = pytest.mark.docker
 SPEC_GO_TOOL = os.path.join(ROOT, "tests", "fixtures", "rpm", "go-tool.spec")
-NEWER = "2.1.1"
+NEWER = "2.2.1"
 NAME = "container-healthcheck"
 # What rpm 4.11 (CentOS 7) provides, from its lib/rpmds.c rpmlibProvides table: a package
 # requiring any other rpmlib() feature (LargeFiles, RichDependencies, PayloadIsZstd,
