@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua clean e2e
+.PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua bench-failover clean e2e
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install -y python3-venv" >&2; exit 1; }
@@ -27,8 +27,10 @@ run: venv
 deps:
 	scripts/install-deps
 
+# Every daemon the tests started is stopped afterwards, whether they passed, failed or were
+# interrupted: the private engine here, the e2e APPOs' engines (appo2, appo3) by their fixture.
 test: deps test-venv
-	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_ARGS) tests
+	host=$$(scripts/dockerd-up default) && trap 'scripts/dockerd-down default; scripts/dockerd-down appo2; scripts/dockerd-down appo3' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_ARGS) tests
 
 rpm: venv
 	PYTHON=$(CURDIR)/$(PY) scripts/build-rpm
@@ -37,12 +39,16 @@ bench: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench-scale
 	scripts/bench-lua
+	scripts/bench-failover
 
 bench-scale: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench-scale
 
 bench-lua: deps
 	scripts/bench-lua
+
+bench-failover: deps test-venv
+	scripts/bench-failover
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

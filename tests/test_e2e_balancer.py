@@ -254,6 +254,7 @@ http {
             appo.stop_service()
             _stop(appo.nginx)
             appo.docker("rm", "-f", NAME, check=False)
+            appo.dockerd_down()  # the tests started it: they stop it
 
 
 @pytest.fixture
