@@ -166,20 +166,21 @@ def feed_query():
     """(index or None, wait seconds) of a feed request.
     :raises InvalidInput: index is not a whole number, or wait not 0..5 seconds."""
     query = bottle.request.query
-    index, wait = query.get("index"), query.get("wait")
+    index_text, wait_text = query.get("index"), query.get("wait")
     try:
-        index = int(index) if index not in (None, "") else None
+        index = int(index_text) if index_text not in (None, "") else None
         if index is not None and index < 0:
             raise ValueError
     except ValueError:
-        raise errors.InvalidInput("query parameter index must be a whole number >= 0, not %s" % _printable(index)[:64])
+        raise errors.InvalidInput("query parameter index must be a whole number >= 0, not %s"
+                                  % _printable(index_text)[:64])
     try:
-        wait_s = float(wait) if wait not in (None, "") else feeds.DEFAULT_WAIT_S
+        wait_s = float(wait_text) if wait_text not in (None, "") else feeds.DEFAULT_WAIT_S
         if not 0 <= wait_s <= feeds.MAX_WAIT_S:
             raise ValueError
     except ValueError:
         raise errors.InvalidInput("query parameter wait must be 0..%g seconds, not %s" % (
-            feeds.MAX_WAIT_S, _printable(wait)[:64]))
+            feeds.MAX_WAIT_S, _printable(wait_text)[:64]))
     return index, wait_s
 
 

@@ -4,6 +4,8 @@ import json
 import wsgiref.util
 import wsgiref.validate
 
+from healthcheck.feed import Feed
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,8 +39,9 @@ class Harness(object):
         self.prober = Prober(probe, ttl_s=60, workers=4).start() if probe is not None else None
         self.checker = Checker(self.snapshotter, NamePattern(), prober=self.prober, probe_wait_s=2.0)
         self.metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
+        self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_ages, max_waiters=2).start()
         self.app = wsgiref.validate.validator(
-            Instrumented(make_app(self.checker, self.metrics, prefix), self.metrics, allow))
+            Instrumented(make_app(self.checker, self.metrics, prefix, feed=self.feed), self.metrics, allow))
         self.prefix = prefix
 
     def call(self, path, method="GET", query="", remote="127.0.0.1", raw_path=False, wsgi_path=None, environ=None):
@@ -67,6 +70,7 @@ class Harness(object):
         return status, json.loads(body.decode("utf-8"))
 
     def close(self):
+        self.feed.stop()
         self.snapshotter.stop()
         if self.prober is not None:
             self.prober.stop()
@@ -370,3 +374,25 @@ def test_apps_json_says_why_each_other_app_is_not_healthy_up_front(harness):
 
 def parse_output_with_evil():
     return parse_ps_output(PS + "\n" + EVIL)
+
+
+def test_feed_answers_every_app_in_its_text_format(harness):
+    harness = harness()
+    status, headers, body = harness.call("/apps/feed")
+    assert status == 200 and headers["Content-Type"] == "text/plain; charset=utf-8"
+    lines = body.decode("utf-8").splitlines()
+    assert lines[0] == "container-healthcheck-feed 1" and lines[-1] == "end" and lines[2] == "held 0"
+    count = int(lines[3].split()[1])
+    apps = dict((line.split()[0], line.split()[1:]) for line in lines[4:4 + count])
+    _, listed = harness.json("/apps")
+    assert sorted(apps) == sorted(listed["message"]["apps"])
+    assert all(apps[a][0] == ("1" if a in listed["message"]["healthy"] else "0") for a in apps)
+    index = int(lines[1].split()[1])
+    status, _, body = harness.call("/apps/feed", query="index=%d&wait=0.2" % index)
+    assert status == 200 and b"\nheld 1\n" in body and (b"\nindex %d\n" % index) in body  # a heartbeat
+
+
+@pytest.mark.parametrize("query", ["index=x", "index=-1", "wait=6", "wait=-1", "wait=abc", "index=1.5"])
+def test_feed_route_refuses_bad_index_and_wait(harness, query):
+    status, body = harness().json("/apps/feed", query=query)
+    assert status == 400 and body["code"] == 13
