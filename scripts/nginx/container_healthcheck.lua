@@ -387,8 +387,19 @@ local function poll_apps(addr)
     return healthy_apps(body)
 end
 
--- One feed answer: { index=, held=, body=, apps_at= } (the app lines start at apps_at), or
--- nil, error, status.
+-- A feed answer (format 1, README "The entry's feed"): { index=, held=, body=, apps_at= }
+-- (the app lines start at apps_at), or nil, error. Lines it does not know are ignored.
+local function parse_feed(body)
+    if not body:find("^container%-healthcheck%-feed %d+\n") then return nil, "not a feed answer" end
+    if sub(body, -5) ~= "\nend\n" then return nil, "feed answer cut short" end
+    local apps_at = body:find("\napps %d+\n")
+    local new_index = tonumber(body:match("\nindex (%d+)\n"))
+    if not apps_at or not new_index then return nil, "feed answer without index or apps" end
+    return { index = new_index, held = body:find("\nheld 1\n", 1, true) ~= nil, body = body,
+             apps_at = body:find("\n", apps_at + 1, true) + 1 }
+end
+
+-- One feed answer from addr (see parse_feed), or nil, error, status.
 local function fetch_feed(addr, index)
     local path = conf.feed_path .. (index and ("?index=" .. format("%d", index) .. "&wait=" .. conf.wait) or "")
     local sock, status, length, left_ms = http_get(addr, path, now_of() + conf.wait + conf.grace)
@@ -399,13 +410,7 @@ local function fetch_feed(addr, index)
     if length then body, err = sock:receive(length) else body, err, partial = sock:receive("*a") end
     sock:close()
     if not body then return nil, "body: " .. tostring(err) end
-    if not body:find("^container%-healthcheck%-feed %d+\n") then return nil, "not a feed answer" end
-    if sub(body, -5) ~= "\nend\n" then return nil, "feed answer cut short" end
-    local apps_at = body:find("\napps %d+\n")
-    local new_index = tonumber(body:match("\nindex (%d+)\n"))
-    if not apps_at or not new_index then return nil, "feed answer without index or apps" end
-    return { index = new_index, held = body:find("\nheld 1\n", 1, true) ~= nil, body = body,
-             apps_at = body:find("\n", apps_at + 1, true) + 1 }
+    return parse_feed(body)
 end
 
 -- The line of one app in a feed answer: healthy (bool), age (seconds, 0 for "-"), or nil.
@@ -1011,6 +1016,13 @@ end
 
 -- content_by_lua: what the balancer knows, for operators: an HTML matrix for browsers
 -- (Accept: text/html), JSON otherwise.
+-- The pure parts and the dict rules, for the unit tests (tests/lua/test_units.lua) only.
+M._units = {
+    parse_feed = parse_feed, feed_line = feed_line, parse_ejection = parse_ejection, eject = eject,
+    consider_clear = consider_clear, observe = observe, usable = usable, healthy_apps = healthy_apps,
+    apply_feed = apply_feed, conf = conf,
+}
+
 function M.status()
     local dict = ngx.shared[conf.dict]
     local states, reasons, polled, ejections = read_state(dict)
