@@ -150,12 +150,20 @@ def test_apps_nobody_asks_about_are_forgotten():
 
 
 def test_known_has_no_side_effects():
-    calls = []
-    prober = make(lambda app: calls.append(app) or ok(app))
+    """Reading what is known (for /metrics) does not count as asking: an app only read that
+    way is forgotten after the interest window like one nobody reads."""
+    clock = FakeClock()
+    prober, calls = probed_once(clock, interest_s=10)
     try:
-        assert prober.known() == {}
-        time.sleep(0.1)
-        assert calls == []
+        assert set(prober.known()) == {"a"}
+        for _ in range(12):
+            clock.now += 1
+            prober.known()
+        assert until(lambda: prober.known() == {})
+        probes = len(calls)
+        clock.now += 5
+        time.sleep(0.2)
+        assert len(calls) == probes  # forgotten: no probe any more
     finally:
         prober.stop()
 

@@ -1,15 +1,16 @@
 """The HTTP contract, in-process through wsgiref.validate (no sockets, no docker)."""
 import io
 import json
+import os
+import re
 import wsgiref.util
 import wsgiref.validate
-
-from healthcheck.feed import Feed
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from healthcheck.checker import Checker
+from healthcheck.feed import Feed
 from healthcheck.errors import DockerUnreachable
 from healthcheck.matching import NamePattern
 from healthcheck.metrics import Metrics
@@ -18,6 +19,7 @@ from healthcheck.parsing import parse_ps_output
 from healthcheck.prober import Prober
 from healthcheck.snapshot import Snapshotter
 from healthcheck.web import Instrumented, make_app
+from support import ROOT
 
 PS = "\n".join([
     '{"ID":"%s","Names":"good-1700000000","Image":"img","Command":"\\"sleep 1\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST","Status":"Up 5 days","Ports":"0.0.0.0:8080->80/tcp"}' % ("a" * 64),
@@ -354,13 +356,24 @@ def test_host_page_lists_every_app_escaped_under_a_strict_csp(harness):
     assert head["Content-Type"] == "application/json; charset=utf-8" and head.get("Vary") == "Accept"
 
 
-def test_the_csp_hashes_are_of_the_page_own_style_and_script():
+def test_the_csp_allows_exactly_the_style_and_script_each_page_carries(harness):
+    """What a browser checks: the sha256 of each <style> and <script> the served page holds is
+    in the Content-Security-Policy served with it; for the host page and the entry's matrix
+    (whose Lua carries its own literal CSP)."""
     import base64
     import hashlib
-    from healthcheck import pages
-    for text in (pages.STYLE, pages.SCRIPT):
-        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
-        assert "'sha256-%s'" % digest in pages.CSP
+
+    def digests(page):
+        blocks = re.findall(r"<style>(.*?)</style>", page, re.S) + re.findall(r"<script>(.*?)</script>", page, re.S)
+        return ["'sha256-%s'" % base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode() for b in blocks]
+    status, head, body = harness().call("/")
+    assert status == 200 and len(digests(body.decode("utf-8"))) == 2
+    assert all(d in head["Content-Security-Policy"] for d in digests(body.decode("utf-8")))
+    lua = open(os.path.join(ROOT, "scripts", "nginx", "container_healthcheck.lua"), encoding="utf-8").read()
+    style = re.search(r"local PAGE_STYLE = \[\[(.*?)\]\]", lua, re.S).group(1)
+    script = re.search(r"local PAGE_SCRIPT = \[\[(.*?)\]\]", lua, re.S).group(1)
+    csp = re.search(r'local PAGE_CSP = "([^"]*)"', lua).group(1)
+    assert all(d in csp for d in digests("<style>%s</style><script>%s</script>" % (style, script)))
 
 
 def test_apps_json_says_why_each_other_app_is_not_healthy_up_front(harness):
