@@ -12,7 +12,7 @@ from support import ROOT, free_port, http, wait_for
 LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
 NGINX_MODULES = "/usr/lib/nginx/modules"
 
-# Fills the dict as the checker would after polling 50 APPOs for 500 apps: most healthy, some
+# Fills the dict as the channels would after hearing from 50 APPOs for 500 apps: most healthy, some
 # not (with a reason), 20 apps unhealthy everywhere (failing open), two APPOs stale.
 FILL = r"""
 local dict = ngx.shared.container_healthcheck
@@ -20,7 +20,12 @@ local now = ngx.now()
 for a = 1, 50 do
     local addr = string.format("127.0.%d.%d:8010", math.floor(a / 200), a % 200 + 10)
     dict:set("p:" .. addr, now, 3600)
-    if a > 2 then dict:set("ok:" .. addr, now, 3600) else dict:set("err:" .. addr, "connect: connection refused", 3600) end
+    if a > 2 then
+        dict:set("ok:" .. addr, now, 3600)
+        dict:set("fresh:" .. addr, now + 3600, 3600)  -- its last answer counts for this long
+    else
+        dict:set("err:" .. addr, "connect: connection refused", 3600)
+    end
     for i = 1, 500 do
         local app = string.format("bk_app%03d", i)
         local healthy = i > 20 and (i + a) % 17 ~= 0

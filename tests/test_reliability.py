@@ -52,35 +52,41 @@ def test_dockerd_stopped_under_load_then_started(docker_engine, tmp_path):
                           universal_newlines=True, check=True, timeout=120).stdout.strip().splitlines()[-1]
     env = dict(os.environ, DOCKER_HOST=host)
     app = unique_app()
-    subprocess.run(["docker", "rm", "-f", name_for(app)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run(["docker", "run", "-d", "--network", "none", "--name", name_for(app), "hc-busybox:test",
-                    "sleep", "3600"], env=env, check=True, stdout=subprocess.DEVNULL)
-    with Service("--ngx-port", "0", "--refresh", "1", "--max-stale", "3", env={"DOCKER_HOST": host}) as svc:
-        assert svc.get("/apps/health/" + app)[0] == 200
-        stop, results, threads = _run_load(svc, "/apps/health/" + app)
-        time.sleep(1)
-        subprocess.run([os.path.join(ROOT, "scripts", "dockerd-down"), "fault"], check=True, timeout=60)
-        down_at = time.monotonic()  # the daemon is gone
-        time.sleep(3 + 3)
-        subprocess.run([os.path.join(ROOT, "scripts", "dockerd-up"), "fault"], check=True, timeout=120,
-                       stdout=subprocess.DEVNULL)
-        up_at = time.monotonic()
-        # the container did not survive (no live-restore here): start it again
-        subprocess.run(["docker", "start", name_for(app)], env=env, check=True, stdout=subprocess.DEVNULL)
-        assert wait_for(lambda: results and results[-1][2] == 200, 10)
-        recovered_at = time.monotonic()
-        stop.set()
-        for thread in threads:
-            thread.join(5)
-        # the events stream reconnects (its backoff is capped at 5 s)
-        events = wait_for(lambda: [p for p in child_pids(svc.proc.pid) if " events " in cmdline(p)], 8)
-    assert all(elapsed < 5 + 1 for _, elapsed, _, _ in results), max(r[1] for r in results)
-    assert all(status in (200, 503) for _, _, status, _ in results)
-    # --max-stale 3 after the last good list (taken at most --refresh 1 before the stop)
-    late = [r for r in results if down_at + 3 + 0.5 < r[0] < up_at - 1]
-    assert late and all(r[2] == 503 and b'"code":10' in r[3] for r in late), late[:3]
-    assert recovered_at - up_at < 10
-    assert len(events) == 1  # the stream reconnected
+    try:
+        subprocess.run(["docker", "rm", "-f", name_for(app)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["docker", "run", "-d", "--network", "none", "--name", name_for(app), "hc-busybox:test",
+                        "sleep", "3600"], env=env, check=True, stdout=subprocess.DEVNULL)
+        with Service("--ngx-port", "0", "--refresh", "1", "--max-stale", "3", env={"DOCKER_HOST": host}) as svc:
+            assert svc.get("/apps/health/" + app)[0] == 200
+            stop, results, threads = _run_load(svc, "/apps/health/" + app)
+            time.sleep(1)
+            subprocess.run([os.path.join(ROOT, "scripts", "dockerd-down"), "fault"], check=True, timeout=60)
+            down_at = time.monotonic()  # the daemon is gone
+            time.sleep(3 + 3)
+            subprocess.run([os.path.join(ROOT, "scripts", "dockerd-up"), "fault"], check=True, timeout=120,
+                           stdout=subprocess.DEVNULL)
+            up_at = time.monotonic()
+            # the container did not survive (no live-restore here): start it again
+            subprocess.run(["docker", "start", name_for(app)], env=env, check=True, stdout=subprocess.DEVNULL)
+            assert wait_for(lambda: results and results[-1][2] == 200, 10)
+            recovered_at = time.monotonic()
+            stop.set()
+            for thread in threads:
+                thread.join(5)
+            # the events stream reconnects (its backoff is capped at 5 s)
+            events = wait_for(lambda: [p for p in child_pids(svc.proc.pid) if " events " in cmdline(p)], 8)
+        assert all(elapsed < 5 + 1 for _, elapsed, _, _ in results), max(r[1] for r in results)
+        assert all(status in (200, 503) for _, _, status, _ in results)
+        # --max-stale 3 after the last good list (taken at most --refresh 1 before the stop)
+        late = [r for r in results if down_at + 3 + 0.5 < r[0] < up_at - 1]
+        assert late and all(r[2] == 503 and b'"code":10' in r[3] for r in late), late[:3]
+        assert recovered_at - up_at < 10
+        assert len(events) == 1  # the stream reconnected
+    finally:
+        # the test started this engine: it stops it (and the container it ran there)
+        subprocess.run(["docker", "rm", "-f", name_for(app)], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        subprocess.run([os.path.join(ROOT, "scripts", "dockerd-down"), "fault"], timeout=60)
 
 
 def test_hanging_docker_keeps_one_docker_process_and_bounded_answers(tmp_path):
