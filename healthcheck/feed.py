@@ -67,12 +67,19 @@ class Feed(object):
     view_of(): an AppsView (raises DockerError); probe_ages(): {app: seconds}.
     max_waiters: requests allowed to wait at once, so waiting entries never hold every
     worker thread; the rest are answered at once (held 0) and come back later.
+    watch(): something cheap whose identity changes when answers may (the drain state), looked
+    at every tick_s; everything is rebuilt at least every full_s (a list going stale).
     The builder runs only while someone read the feed within idle_s: no entry, no cost.
     """
 
-    def __init__(self, view_of, probe_ages, max_waiters=8, tick_s=0.5, idle_s=30.0, clock=time.monotonic):
+    def __init__(self, view_of, probe_ages, max_waiters=8, tick_s=0.5, idle_s=30.0, clock=time.monotonic,
+                 watch=None, full_s=5.0):
         self._view_of = view_of
         self._probe_ages = probe_ages
+        self._watch = watch
+        self._watched = None
+        self._full_s = full_s
+        self._built_at = None
         self._tick_s = tick_s
         self._idle_s = idle_s
         self._clock = clock
@@ -155,12 +162,17 @@ class Feed(object):
                 self._cond.wait_for(lambda: self._stopped or self._poked, self._tick_s)
                 if self._stopped:
                     return
-                self._poked = False
+                poked, self._poked = self._poked, False
+                now = self._clock()
                 # Nobody reads the feed: build nothing (building asks about every app, which
                 # would keep every app probed for a reader that is gone).
-                if self._read_at is None or self._clock() - self._read_at > self._idle_s:
+                if self._read_at is None or now - self._read_at > self._idle_s:
                     continue
-            self._build()
+            watched = self._watch() if self._watch is not None else None
+            if poked or watched is not self._watched or self._built_at is None or now - self._built_at >= self._full_s:
+                self._watched = watched
+                self._built_at = now
+                self._build()
 
     def _build(self):
         verdicts, stale_s, error = None, None, None

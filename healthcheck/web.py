@@ -238,7 +238,7 @@ class Instrumented(object):
         self._metrics.http_request(label, status)
         # The feed is asked once a second per entry balancer: its plain answers are counted
         # in /metrics, not written line by line.
-        if self._access_log is not None and not (status == 200 and label.endswith("/apps/feed")):
+        if self._access_log is not None and not (status == 200 and label.rstrip("/").endswith("/apps/feed")):
             path = environ.get("PATH_INFO", "")
             query = environ.get("QUERY_STRING")
             if query:

@@ -86,14 +86,14 @@ def test_waiters_beyond_the_limit_are_answered_at_once(feed):
 
 def test_nobody_reading_means_no_work():
     views = Views()
-    feed = Feed(views, dict, tick_s=0.01, idle_s=0.2).start()
+    feed = Feed(views, dict, tick_s=0.01, idle_s=0.2, full_s=0.03).start()
     try:
         for _ in range(5):
             feed.poke()
         time.sleep(0.1)
         assert views.calls == 0  # pokes without a reader build nothing (and probe nothing)
         feed.answer(None, 0)
-        assert until(lambda: views.calls >= 3)  # read: rebuilt every tick
+        assert until(lambda: views.calls >= 3)  # read: rebuilt (every full_s here)
         time.sleep(0.3)
         calls = views.calls
         time.sleep(0.2)
@@ -119,3 +119,18 @@ def _raises(feed):
     except errors.DockerError:
         return True
     return False
+
+
+def test_between_pokes_only_a_change_of_the_watched_state_rebuilds():
+    views, watched = Views(), [object()]
+    feed = Feed(views, dict, tick_s=0.01, full_s=3600, watch=lambda: watched[0]).start()
+    try:
+        index = feed.answer(None, 0)[0]
+        calls = views.calls
+        time.sleep(0.2)
+        assert views.calls == calls  # ticks alone rebuild nothing
+        views.apps["a"] = (False, "draining: kernel update")
+        watched[0] = object()  # the drain file was read anew
+        assert until(lambda: feed.answer(None, 0)[0] == index + 1)
+    finally:
+        feed.stop()

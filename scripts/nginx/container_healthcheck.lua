@@ -769,12 +769,15 @@ function M.choose(app, kind)
     -- table that grows with every app name a client invents).
     local start
     if known then
-        if not rr[app] then
+        -- One turn per route and app: /o/<app> and /t/<app> have different peers, and a shared
+        -- turn would send every other request of one of them to the same peer.
+        local key = kind .. "|" .. app
+        if not rr[key] then
             if rr_size > 10000 then rr, rr_size = {}, 0 end
             rr_size = rr_size + 1
         end
-        start = (rr[app] or 0) % #candidates
-        rr[app] = start + 1
+        start = (rr[key] or 0) % #candidates
+        rr[key] = start + 1
     else
         start = math.random(#candidates) - 1
     end

@@ -151,5 +151,26 @@ test("/apps answers of services without the feed: healthy list and reasons", fun
     eq(u.healthy_apps('{"code":11}'), nil)
 end)
 
+test("round-robin turns are per route: /o/ and /t/ requests interleaved each reach both peers", function()
+    local B = "127.0.0.3:8010"
+    u.conf.apps.rr_app = { A, B }
+    local now = ngx.now()
+    for _, addr in ipairs({ A, B }) do
+        dict:set("fresh:" .. addr, now + 60)
+        dict:set("s:rr_app|" .. addr, "1|0|" .. now)
+    end
+    local seen = { o = {}, t = {} }
+    for _ = 1, 4 do
+        for _, kind in ipairs({ "o", "t" }) do
+            local candidates, start = chc.choose("rr_app", kind)
+            eq(#candidates, 2, "both peers usable")
+            seen[kind][candidates[start + 1]] = true
+        end
+    end
+    eq(seen.o[A] and seen.o[B], true, "/o/ reached both")
+    eq(seen.t[A] and seen.t[B], true, "/t/ reached both")
+    u.conf.apps.rr_app = nil
+end)
+
 ngx.header["Content-Type"] = "text/plain"
 ngx.say(table.concat(out, "\n"))
