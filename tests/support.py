@@ -250,3 +250,55 @@ def run_cli(*args, env=None, timeout=60):
     test sees exactly what was written."""
     return subprocess.run([sys.executable, "-m", "healthcheck"] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), timeout=timeout)
+
+
+NGINX_MODULES = "/usr/lib/nginx/modules"
+LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
+
+
+class LuaNginx(object):
+    """A one-worker nginx with lua-nginx-module and this project's Lua on its package path,
+    serving `http_body` (what goes inside http { }, {port} standing for its loopback port)."""
+
+    def __init__(self, workdir, http_body, dict_size="1m"):
+        import shutil
+        if not shutil.which("nginx") or not os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_lua_module.so")):
+            if os.environ.get("CI"):
+                raise AssertionError("nginx with lua-nginx-module missing (scripts/install-deps)")
+            import pytest
+            pytest.skip("nginx with lua-nginx-module missing")
+        self.workdir, self.port = workdir, free_port()
+        for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
+            os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+        self.error_log = os.path.join(workdir, "error.log")
+        conf = os.path.join(workdir, "nginx.conf")
+        with open(conf, "w") as handle:
+            handle.write("""load_module %(mods)s/ndk_http_module.so;
+load_module %(mods)s/ngx_http_lua_module.so;
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid %(dir)s/nginx.pid;
+error_log %(log)s warn;
+events { worker_connections 256; }
+http {
+    access_log off;
+    lua_package_path "%(lua)s/?.lua;/usr/share/lua/5.1/?.lua;;";
+    lua_shared_dict container_healthcheck %(size)s;
+%(body)s
+}
+""" % {"mods": NGINX_MODULES, "dir": workdir, "log": self.error_log, "lua": LUA_DIR, "size": dict_size,
+               "body": http_body.replace("{port}", str(self.port))})
+        self.proc = subprocess.Popen(["nginx", "-p", workdir + "/", "-c", conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        pid_file = os.path.join(workdir, "nginx.pid")
+        assert wait_for(lambda: self.proc.poll() is not None or os.path.exists(pid_file), 10)
+        assert self.proc.poll() is None, open(self.error_log).read()
+
+    def stop(self):
+        """Stop it; and no Lua error may have been logged meanwhile."""
+        self.proc.terminate()
+        self.proc.wait(10)
+        text = open(self.error_log).read()
+        assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]

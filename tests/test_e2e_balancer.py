@@ -884,6 +884,7 @@ upstream %(app)s {
 # BlueKing keeps nginx's 60 s proxy_read_timeout (apps take up to 600 s); the test shortens it
 # so that requests a hung APPO swallowed end within the test.
 READ_TIMEOUT = "proxy_read_timeout 4s;"
+LOSS_EXTRA_INIT = ""  # more init({...}) options for the loss entry (the failover benchmark sets some)
 ENTRY_LOG = "$msec $request_time $request_method \"$upstream_addr\" \"$upstream_status\" $status"
 
 
@@ -953,7 +954,8 @@ def loss_entry(cluster):
     values = {"dir": workdir, "paas": free_port(), "port": port, "app": APP, "a": appo2.addr, "b": appo3.addr}
     with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
         handle.write(LOSS_UPSTREAM % values)
-    nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR)
+    nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR,
+                                               extra_init=LOSS_EXTRA_INIT)
     access_log = os.path.join(workdir, "entry-access.log")
     nginx_conf = nginx_conf.replace("    access_log off;", "    log_format loss '%s';\n    access_log %s loss;" % (
         ENTRY_LOG, access_log), 1)

@@ -1,16 +1,10 @@
 """The entry matrix at 500 apps x 50 APPOs (synthetic shared-dict data) in a real browser."""
 import os
-import shutil
-import subprocess
-import time
 
 import pytest
 
 from browser import CHROMIUM, Browser, artifact_path
-from support import ROOT, free_port, http, wait_for
-
-LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
-NGINX_MODULES = "/usr/lib/nginx/modules"
+from support import LUA_DIR, LuaNginx, http, wait_for
 
 # Fills the dict as the channels would after hearing from 50 APPOs for 500 apps: most healthy, some
 # not (with a reason), 20 apps unhealthy everywhere (failing open), two APPOs stale.
@@ -39,48 +33,21 @@ ngx.say("filled")
 
 @pytest.fixture
 def matrix_nginx(tmp_path):
-    if not shutil.which("nginx") or not os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_lua_module.so")):
-        pytest.fail("nginx with lua missing (scripts/install-deps)")
-    port = free_port()
-    workdir = str(tmp_path)
-    for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
-        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
-    conf = os.path.join(workdir, "nginx.conf")
-    with open(conf, "w") as handle:
-        handle.write("""
-load_module %(mods)s/ndk_http_module.so;
-load_module %(mods)s/ngx_http_lua_module.so;
-daemon off;
-master_process on;
-worker_processes 1;
-user root;
-pid %(dir)s/nginx.pid;
-error_log %(dir)s/error.log warn;
-events { worker_connections 256; }
-http {
-    access_log off;
-    lua_package_path "%(lua)s/?.lua;/usr/share/lua/5.1/?.lua;;";
-    lua_shared_dict container_healthcheck 16m;
+    server = LuaNginx(str(tmp_path), """
     init_by_lua_block { require("container_healthcheck").init({ appos = {}, interval = 3600 }) }
     server {
-        listen 127.0.0.1:%(port)d;
-        location = /fill { content_by_lua_block { %(fill)s } }
+        listen 127.0.0.1:{port};
+        location = /fill { content_by_lua_block { %s } }
         location = /container-healthcheck-status {
             content_by_lua_block { require("container_healthcheck").status() }
         }
-    }
-}
-""" % {"mods": NGINX_MODULES, "dir": workdir, "lua": LUA_DIR, "port": port, "fill": FILL})
-    proc = subprocess.Popen(["nginx", "-p", workdir + "/", "-c", conf], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    }""" % FILL, dict_size="16m")
     try:
-        assert wait_for(lambda: _answers(port), 10)
-        assert http(port, "/fill")[2].strip() == b"filled"
-        yield port
+        assert wait_for(lambda: _answers(server.port), 10)
+        assert http(server.port, "/fill")[2].strip() == b"filled"
+        yield server.port
     finally:
-        proc.terminate()
-        proc.wait(10)
-        assert "runtime error" not in open(os.path.join(workdir, "error.log")).read()
+        server.stop()
 
 
 def _answers(port):
