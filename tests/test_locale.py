@@ -185,3 +185,23 @@ def test_a_huge_and_hostile_drain_file_is_read_where_it_can_be(drained_service):
     _write_atomically(path, b'{"drains": []}')  # a list where an object belongs: not drained
     assert wait_for(lambda: _answers_right(service, app, False), 3, 0.1)
     os.unlink(path)
+
+
+def test_docker_output_that_is_not_utf8_is_shown_replaced(tmp_path):
+    """Container commands are arbitrary bytes: a GBK or cut command reaches every answer as
+    U+FFFD, never a 500, also in the C locale. (FAKE docker: a real one prints what the
+    container was given, which a test cannot make invalid on every engine.)"""
+    from support import FAKE_DOCKER
+    ps = tmp_path / "ps.jsonl"
+    line = ('{"ID":"%s","Names":"gbk-1700000000","Image":"img:1","Command":"\\"echo ' % ("a" * 64)).encode()
+    ps.write_bytes(line + "内核".encode("gbk") + b'\xff\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST",'
+                   b'"Status":"Up 5 days","Ports":""}\n')
+    with Service("--ngx-port", "0", "--docker-bin", FAKE_DOCKER,
+                 env=dict(C_LOCALE, FAKE_DOCKER_MODE="ok", FAKE_DOCKER_PS=str(ps))) as service:
+        status, body = service.get("/apps/health/gbk")
+        assert status == 200 and "\ufffd" in body["message"]["command"], body
+        for path in ("/apps", "/", "/metrics", "/apps/feed"):
+            assert http(service.port, PREFIX + path)[0] == 200, path
+    done = run_cli("check", "gbk", "--ngx-port", "0", "--docker-bin", FAKE_DOCKER,
+                   env=dict(C_LOCALE, FAKE_DOCKER_MODE="ok", FAKE_DOCKER_PS=str(ps)))
+    assert done.returncode == 0 and "\ufffd" in _json(done.stdout)["message"]["command"]
