@@ -12,7 +12,6 @@ from healthcheck.matching import APP_CODE_RE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STATE_DIR = "/var/lib/container-healthcheck"
 STATE_FILE_NAME = "drain.json"
 ALL_APPS = "*"  # the key of a host-wide drain
 _MAX_REASON = 200

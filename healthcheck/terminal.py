@@ -1,7 +1,7 @@
 """This host's apps as an aligned table for a terminal, like `docker ps` (pure)."""
 import unicodedata
 
-from healthcheck import text
+from healthcheck import errors, text
 
 COLUMNS = ("APP", "VERDICT", "WHY", "CONTAINER", "STATUS", "HEALTH", "PROBE", "CONTAINERS")
 
@@ -43,7 +43,7 @@ def rows_from_apps_answer(answer):
             probe_text = str(probe["status"])
         else:
             probe_text = probe.get("error") or "failed"
-        verdict = "healthy" if healthy else ("draining" if entry.get("code") == 17 else "UNHEALTHY")
+        verdict = "healthy" if healthy else ("draining" if entry.get("code") == errors.CODE_DRAINING else "UNHEALTHY")
         rows.append((not healthy, app, (
             app, verdict, "" if healthy else reasons.get(app, ""), serving.get("names") if serving else "",
             serving.get("status") if serving else "", serving.get("health") if serving else "",
