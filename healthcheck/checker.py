@@ -15,6 +15,11 @@ _MEMO_MAX = 8192
 class Checker(object):
     """The one place that turns a question about an app into a HealthReport.
 
+    Answering a client (check, check_all) does two things on purpose, each in one named
+    method: _ask (an app someone asked about is kept probed) and _record (a changed verdict is
+    logged). Deciding a report (_report) and the side-effect-free view (current_reports) do
+    neither.
+
     prober: a Prober (or None when probing is off); probe_wait_s: how long a per-app check
     may wait for its own app's first probe. observe(report, exists): called when an app's
     report changes (verdict logging); exists says whether the app has containers at all.
@@ -29,6 +34,7 @@ class Checker(object):
         self._probe_wait_s = probe_wait_s
         self._observe = observe
         self._memo_lock = threading.Lock()
+        self._recorded = {}  # app -> the last report given to _record (identity: logged once)
         # (snapshot generation, {app: (matches, serving), (app, all): (probe, report)})
         self._memo = (-1, {})
 
@@ -38,8 +44,8 @@ class Checker(object):
         snapshot, stale_s = self._snapshotter.get()
         memo = self._memo_for(snapshot.generation)
         matches, serving = self._select(snapshot, app, memo)
-        probe = self._probe_for(app, serving, self._probe_wait_s)
-        return self._report(app, include_all, matches, probe, memo), stale_s
+        probe = self._ask(app, serving, self._probe_wait_s)
+        return self._record(self._report(app, include_all, matches, probe, memo), matches), stale_s
 
     def check_all(self, include_all=False):
         """AppsView of every app on this host, each with the verdict its own route gives;
@@ -50,8 +56,8 @@ class Checker(object):
         reports = []
         for app in self._apps(snapshot, memo):
             matches, serving = self._select(snapshot, app, memo)
-            probe = self._probe_for(app, serving, 0.0)
-            reports.append(self._report(app, include_all, matches, probe, memo))
+            probe = self._ask(app, serving, 0.0)
+            reports.append(self._record(self._report(app, include_all, matches, probe, memo), matches))
         return AppsView(reports, self._snapshotter.age_s() or 0.0, stale_s)
 
     def current_reports(self):
@@ -70,7 +76,7 @@ class Checker(object):
                 if app not in known:
                     continue
                 probe = known[app][0]
-            reports.append(self._report(app, False, matches, probe, memo, quiet=True))
+            reports.append(self._report(app, False, matches, probe, memo))
         return reports
 
     def probe_ages(self):
@@ -100,21 +106,26 @@ class Checker(object):
     def _drain_for(self, app):
         return self._drains.for_app(app) if self._drains is not None else None
 
-    def _report(self, app, include_all, matches, probe, memo, quiet=False):
-        """The memoised report while its inputs are unchanged; quiet: for views that must
-        have no side effects (/metrics), so a new report is neither logged nor kept."""
+    def _report(self, app, include_all, matches, probe, memo):
+        """The memoised report while its inputs are unchanged (pure: no logging, no asking)."""
         key = (app, include_all)
         drain = self._drain_for(app)
         cached = memo.get(key)
         if cached is not None and cached[0] == probe and cached[1].drain == drain:
             return cached[1]
         report = verdict.decide(app, matches, include_all, probe, drain)
-        if quiet:
-            return report
-        if self._observe is not None:
-            self._observe(report, bool(matches))
         if len(memo) < _MEMO_MAX:
             memo[key] = (probe, report)
+        return report
+
+    def _record(self, report, matches):
+        """A report given to a client: its verdict is logged when it changed (observe keeps
+        the last verdict per app, so the same report twice logs once)."""
+        if self._observe is not None and report is not self._recorded.get(report.app):
+            self._observe(report, bool(matches))
+            if len(self._recorded) >= _MEMO_MAX:
+                self._recorded.clear()
+            self._recorded[report.app] = report
         return report
 
     def _memo_for(self, generation):
@@ -132,7 +143,9 @@ class Checker(object):
                 return {}
         return memo
 
-    def _probe_for(self, app, serving, wait_s):
+    def _ask(self, app, serving, wait_s):
+        """An app someone asked about is kept probed (the prober's interest); its latest
+        result, waiting at most wait_s for the first one. No serving container: forgotten."""
         if self._prober is None:
             return None
         if serving is None:
