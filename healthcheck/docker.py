@@ -101,7 +101,8 @@ class DockerCLI(object):
             lowered = message.lower()
             if any(hint in lowered for hint in _UNREACHABLE_HINTS):
                 raise errors.DockerUnreachable("docker daemon unreachable: %s" % message)
-            raise errors.DockerFailed("%s exited %d: %s" % (" ".join(argv[:2]), proc.returncode, message))
+            raise errors.DockerFailed("%s exited %d: %s" % (" ".join(argv[:2]), proc.returncode, message),
+                                      proc.returncode, message)
         return text
 
 

@@ -59,9 +59,15 @@ class DockerTimeout(DockerError):
 
 
 class DockerFailed(DockerError):
-    """The CLI exited non-zero for another reason."""
+    """The CLI exited non-zero for another reason: returncode (negative: killed by that
+    signal) and the start of its stderr, as fields as well as in the message."""
 
     kind = "failed"
+
+    def __init__(self, message, returncode=None, stderr=""):
+        DockerError.__init__(self, message)
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 class DockerOutputError(DockerError):

@@ -39,8 +39,8 @@ class Metrics(object):
             self._docker_failures.labels(command, error.kind).inc()
 
     def probe_done(self, result):
-        if result.error:
-            kind = "timeout" if "timed out" in result.error else "refused" if "refused" in result.error else "error"
+        if result.status is None:
+            kind = result.failure or "error"
         else:
             kind = "ok" if result.ok else "bad_status"
         self._probes.labels(kind).inc()

@@ -58,8 +58,14 @@ class Container(collections.namedtuple("Container", _CONTAINER_FIELDS)):
 PROBE_PENDING = "first probe has not finished yet"
 
 
-class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error")):
-    """What GET /o/<app>/ on the APPO Nginx said: an HTTP status, or an error in words."""
+# Why a probe got no status, for metrics and tables (the words are in `error`).
+PROBE_TIMEOUT, PROBE_REFUSED, PROBE_RESET, PROBE_BAD_ANSWER, PROBE_ERROR, PROBE_CRASHED = (
+    "timeout", "refused", "reset", "bad_answer", "error", "crashed")
+
+
+class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error failure")):
+    """What GET /o/<app>/ on the APPO Nginx said: an HTTP status, or an error in words and
+    its kind (failure: one of the PROBE_* names, None when a status came back)."""
 
     __slots__ = ()
 
@@ -81,6 +87,7 @@ class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error")):
         return "GET %s answered %d" % (self.url, self.status)
 
     def to_dict(self):
+        """The wire object: ok, url, then status or error (failure is not on the wire)."""
         out = collections.OrderedDict([("ok", self.ok), ("url", self.url)])
         if self.status is not None:
             out["status"] = self.status
@@ -118,6 +125,7 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
 
 
 HealthReport.__new__.__defaults__ = (None, "")  # drain, short
+ProbeResult.__new__.__defaults__ = (None,)  # failure
 
 
 def ok_envelope(message):

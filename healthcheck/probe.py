@@ -4,6 +4,7 @@ import time
 
 from healthcheck import __version__
 from healthcheck.config import DEFAULT_BAD_STATUSES
+from healthcheck import models
 from healthcheck.models import ProbeResult
 
 _MAX_STATUS_LINE = 8192
@@ -25,15 +26,15 @@ def probe_app(app, port, timeout_s=2.0, bad_statuses=DEFAULT_BAD_STATUSES, host=
     try:
         status = _read_status(host, port, app, deadline)
     except socket.timeout:
-        return ProbeResult(False, url, None, "timed out after %gs" % timeout_s)
+        return ProbeResult(False, url, None, "timed out after %gs" % timeout_s, models.PROBE_TIMEOUT)
     except ConnectionRefusedError:
-        return ProbeResult(False, url, None, "connection refused")
+        return ProbeResult(False, url, None, "connection refused", models.PROBE_REFUSED)
     except ConnectionResetError:
-        return ProbeResult(False, url, None, "connection reset")
+        return ProbeResult(False, url, None, "connection reset", models.PROBE_RESET)
     except _BadAnswer as exc:
-        return ProbeResult(False, url, None, str(exc))
+        return ProbeResult(False, url, None, str(exc), models.PROBE_BAD_ANSWER)
     except OSError as exc:
-        return ProbeResult(False, url, None, exc.strerror or str(exc))
+        return ProbeResult(False, url, None, exc.strerror or str(exc), models.PROBE_ERROR)
     return ProbeResult(status not in bad_statuses, url, status, None)
 
 

@@ -4,7 +4,7 @@ import logging
 import threading
 import time
 
-from healthcheck.models import ProbeResult
+from healthcheck.models import PROBE_CRASHED, ProbeResult
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def default_url_of(app):
 
 def crashed_result(url, exc):
     """A probe that raised is an unhealthy result with the reason, never a healthy one."""
-    return ProbeResult(False, url, None, "probe crashed: %s: %s" % (type(exc).__name__, exc))
+    return ProbeResult(False, url, None, "probe crashed: %s: %s" % (type(exc).__name__, exc), PROBE_CRASHED)
 
 
 class _Target(object):

@@ -82,6 +82,13 @@ def test_faults_are_named(mode, error):
     assert str(info.value)
 
 
+@pytest.mark.parametrize("mode, returncode", [("exit1", 1), ("crash", -11)])
+def test_a_failed_cli_carries_its_exit_code_and_stderr(mode, returncode):
+    with pytest.raises(errors.DockerFailed) as info:
+        fake(mode).list_containers()
+    assert info.value.returncode == returncode and info.value.stderr in str(info.value)
+
+
 def test_empty_and_noise_are_an_empty_or_normal_list():
     assert fake("empty").list_containers() == []
     assert fake("notobject").list_containers() == []  # not a `{` line: noise

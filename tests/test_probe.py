@@ -57,7 +57,7 @@ def test_bad_statuses_are_configurable():
 
 def test_refused():
     result = probe_app("a", free_port(), 2.0)
-    assert not result.ok and result.error == "connection refused"
+    assert not result.ok and result.error == "connection refused" and result.failure == "refused"
     assert "refused" in result.describe()
 
 
@@ -83,7 +83,7 @@ def test_hang_is_bounded_by_the_timeout():
     started = time.monotonic()
     result = probe_app("a", listener.getsockname()[1], 0.5)
     assert time.monotonic() - started < 1.5
-    assert not result.ok and "timed out" in result.error
+    assert not result.ok and "timed out" in result.error and result.failure == "timeout"
     listener.close()
 
 
@@ -109,14 +109,14 @@ def test_reset_is_not_ok():
         conn.close()
     listener = _raw_server(reset)
     result = probe_app("a", listener.getsockname()[1], 2.0)
-    assert not result.ok and result.error
+    assert not result.ok and result.error and result.failure in ("reset", "bad_answer")
     listener.close()
 
 
 def test_garbage_answer_is_not_ok():
     listener = _raw_server(lambda conn: (conn.recv(100), conn.sendall(b"SSH-2.0-OpenSSH\r\n"), conn.close()))
     result = probe_app("a", listener.getsockname()[1], 2.0)
-    assert not result.ok and "not an HTTP answer" in result.error
+    assert not result.ok and "not an HTTP answer" in result.error and result.failure == "bad_answer"
     listener.close()
 
 
@@ -129,3 +129,17 @@ def test_huge_body_is_not_read():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_metrics_count_probes_by_their_kind_not_their_words():
+    from healthcheck.metrics import Metrics
+    from healthcheck.models import ProbeResult
+    from prometheus_client.parser import text_string_to_metric_families
+    metrics = Metrics()
+    for result in (ProbeResult(True, "u", 200, None), ProbeResult(False, "u", 502, None),
+                   ProbeResult(False, "u", None, "the peer went away", "reset"),
+                   ProbeResult(False, "u", None, "odd words", "timeout")):
+        metrics.probe_done(result)
+    counts = {s.labels["result"]: s.value for f in text_string_to_metric_families(metrics.render().decode())
+              if f.name == "healthcheck_probe_results" for s in f.samples if s.name.endswith("_total")}
+    assert counts == {"ok": 1, "bad_status": 1, "reset": 1, "timeout": 1}
