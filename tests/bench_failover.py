@@ -14,7 +14,7 @@ import statistics
 import time
 
 import test_e2e_balancer
-from test_e2e_balancer import (NAME, Appo, _both_serving, cluster, healthy, loss_entry,  # noqa: F401 (fixtures)
+from test_e2e_balancer import (NAME, _both_serving, cluster, healthy, loss_entry,  # noqa: F401 (fixtures)
                                child_pids)
 from support import wait_for
 

@@ -245,11 +245,13 @@ class LoopbackServer(object):
 C_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONIOENCODING": ""}
 
 
-def run_cli(*args, env=None, timeout=60):
-    """`python -m healthcheck ARGS` as an operator runs it; stdout and stderr as bytes, so a
-    test sees exactly what was written."""
+def run_cli(*args, env=None, timeout=60, text=False):
+    """`python -m healthcheck ARGS` as an operator runs it: the one way tests run the CLI.
+    stdout and stderr as bytes, so a test sees exactly what was written (text=True: decoded
+    as UTF-8)."""
     return subprocess.run([sys.executable, "-m", "healthcheck"] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), timeout=timeout)
+                          stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})), timeout=timeout,
+                          **({"encoding": "utf-8"} if text else {}))
 
 
 NGINX_MODULES = "/usr/lib/nginx/modules"

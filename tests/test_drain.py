@@ -1,20 +1,13 @@
 """Drain state: the file format, atomic writes, corrupt files, and the CLI's wording."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from healthcheck import drain
 from healthcheck.models import Container
 from healthcheck.verdict import decide
-from support import FakeClock, ROOT
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "healthcheck"] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+from support import FakeClock, run_cli
 
 
 def test_host_drain_applies_to_every_app_and_an_app_drain_to_that_app():
@@ -83,23 +76,23 @@ def test_a_drained_app_is_not_healthy_with_code_17_and_the_reason():
 
 def test_cli_drain_and_undrain(tmp_path):
     state_dir = str(tmp_path / "state")
-    done = run_cli("drain", "--app", "bk_iam", "--app", "bk_job", "--reason", "disk swap", "--state-dir", state_dir)
+    done = run_cli("drain", "--app", "bk_iam", "--app", "bk_job", "--reason", "disk swap", "--state-dir", state_dir, text=True)
     assert done.returncode == 0 and "drained: bk_iam, bk_job" in done.stdout
     doc = json.load(open(os.path.join(state_dir, "drain.json")))
     assert sorted(doc["drains"]) == ["bk_iam", "bk_job"] and doc["drains"]["bk_iam"]["reason"] == "disk swap"
-    done = run_cli("undrain", "--app", "bk_job", "--state-dir", state_dir)
+    done = run_cli("undrain", "--app", "bk_job", "--state-dir", state_dir, text=True)
     assert done.returncode == 0 and "now drained: bk_iam" in done.stdout
-    done = run_cli("drain", "--state-dir", state_dir, "--wait", "--entry-interval", "0.1", "--entry-fall", "2")
+    done = run_cli("drain", "--state-dir", state_dir, "--wait", "--entry-interval", "0.1", "--entry-fall", "2", text=True)
     assert done.returncode == 0 and "waiting 1.3 s" in done.stdout and "sends no new requests here" in done.stdout
-    assert run_cli("undrain", "--state-dir", state_dir).stdout.splitlines()[-1] == "now drained: nothing"
+    assert run_cli("undrain", "--state-dir", state_dir, text=True).stdout.splitlines()[-1] == "now drained: nothing"
 
 
 def test_cli_refuses_bad_app_codes_and_unwritable_state(tmp_path):
-    done = run_cli("drain", "--app", "../etc", "--state-dir", str(tmp_path))
+    done = run_cli("drain", "--app", "../etc", "--state-dir", str(tmp_path), text=True)
     assert done.returncode == 2 and "invalid app_code" in done.stderr
     blocked = tmp_path / "file"
     blocked.write_text("")
-    done = run_cli("drain", "--state-dir", str(blocked / "sub"))
+    done = run_cli("drain", "--state-dir", str(blocked / "sub"), text=True)
     assert done.returncode == 2 and "cannot write" in done.stderr
 
 

@@ -10,14 +10,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from support import IMAGE, ROOT, LoopbackServer, Service, child_pids, free_port, wait_for
+from support import IMAGE, ROOT, LoopbackServer, Service, child_pids, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.docker
 LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
@@ -445,10 +444,8 @@ def test_6_haproxy_httpchk_marks_the_server_down(healthy):
 
 def _maintenance(appo, command, *args):
     """`container-healthcheck drain|undrain` as an operator runs it on that APPO host."""
-    done = subprocess.run([sys.executable, "-m", "healthcheck", command, "--state-dir", appo.state_dir] + list(args),
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stdout
+    done = run_cli(command, "--state-dir", appo.state_dir, *args, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
@@ -992,7 +989,7 @@ def _attempts_at(access_log, addr, since_wall):
 
 
 def _both_serving(entry):
-    load = entry["load"]
+    """The entry would send the app's requests to either APPO."""
     return usable_at(entry["port"], APP, entry["appo_addrs"][0]) and usable_at(entry["port"], APP, entry["appo_addrs"][1])
 
 

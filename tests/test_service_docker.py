@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import (child_pids, parse_logfmt, cmdline, COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service, free_port, http, name_for,
-                     unique_app, wait_for)
+                     run_cli, unique_app, wait_for)
 
 pytestmark = pytest.mark.docker
 
@@ -332,10 +332,8 @@ def _quiet_status(port, path):
 
 
 def _check(*args, env=None):
-    proc = subprocess.run([sys.executable, "-m", "healthcheck", "check"] + list(args), cwd=ROOT,
-                          env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=30)
-    return proc.returncode, json.loads(proc.stdout)
+    done = run_cli("check", *args, env=env, text=True)
+    return done.returncode, json.loads(done.stdout)
 
 
 def test_check_exit_codes(docker_engine, docker, tmp_path):
@@ -405,11 +403,6 @@ def test_what_go_tool_users_relied_on_against_the_running_service(docker_engine,
                and parse_logfmt(l).get("status") == "200" for l in lines), lines[-10:]
 
 
-def _maintenance(*args):
-    return subprocess.run([sys.executable, "-m", "healthcheck"] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
-
-
 def _code_of(svc, app, code, timeout_s=5):
     return wait_for(lambda: (lambda r: r if r[1]["code"] == code else None)(status_of(svc, app)), timeout_s) \
         or status_of(svc, app)
@@ -423,7 +416,7 @@ def test_drain_an_app_then_the_host_across_a_restart_and_a_corrupt_file(docker_e
     log = str(tmp_path / "service.log")
     with Service("--ngx-port", "0", "--state-dir", state, log_path=log) as svc:
         assert wait_status(svc, drained, 200)[0] == 200
-        assert _maintenance("drain", "--app", drained, "--reason", "swap disk", "--state-dir", state).returncode == 0
+        assert run_cli("drain", "--app", drained, "--reason", "swap disk", "--state-dir", state).returncode == 0
         status, body = _code_of(svc, drained, 17)
         assert status == 503 and body["code"] == 17 and "swap disk" in body["message"]
         assert [c["names"] for c in body["containers"]] == [name_for(drained)]
@@ -441,10 +434,10 @@ def test_drain_an_app_then_the_host_across_a_restart_and_a_corrupt_file(docker_e
         with open(os.path.join(state, "drain.json"), "w") as handle:
             handle.write("{half a file")
         assert _code_of(svc, drained, 0)[0] == 200  # corrupt: reported, treated as not drained
-        assert _maintenance("drain", "--reason", "reboot", "--state-dir", state).returncode == 0
+        assert run_cli("drain", "--reason", "reboot", "--state-dir", state).returncode == 0
         assert _code_of(svc, other, 17)[1]["code"] == 17
         assert status_of(svc, drained)[1]["code"] == 17
-        assert _maintenance("undrain", "--state-dir", state).returncode == 0
+        assert run_cli("undrain", "--state-dir", state).returncode == 0
         assert _code_of(svc, drained, 0)[0] == 200 and status_of(svc, other)[0] == 200
         assert svc.proc.poll() is None
     text = open(log).read()
