@@ -108,10 +108,11 @@ class Service(object):
 
 
 def wait_for(predicate, timeout_s=20, interval_s=0.05):
-    """Poll predicate until truthy; return its value or the last falsy one."""
-    deadline = time.time() + timeout_s
+    """Poll predicate until truthy; return its value or the last falsy one. The one way tests
+    wait on state."""
+    deadline = time.monotonic() + timeout_s
     value = predicate()
-    while not value and time.time() < deadline:
+    while not value and time.monotonic() < deadline:
         time.sleep(interval_s)
         value = predicate()
     return value
@@ -195,13 +196,8 @@ class FakeClock(object):
 
 
 def until(condition, timeout_s=5.0):
-    """Wait for something another thread does; falsy if it never happens (the test fails)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+    """wait_for with a short step, for what another thread of this process does."""
+    return wait_for(condition, timeout_s, 0.005)
 
 
 class LoopbackServer(object):
