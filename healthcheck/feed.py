@@ -61,8 +61,9 @@ def render_feed(index, verdicts, ages, held, stale_s=None):
 
 class Feed(object):
     """Keeps the verdict index: a builder thread recomputes every app's verdict when poked
-    (a new container list, a probe result that changed) and every tick_s (drain file,
-    ages), and bumps the index when any verdict or reason changed. Clients wait for it.
+    (a new container list, a probe result that changed), when the watched drain state changed
+    and at least every full_s, and bumps the index when any verdict or reason changed.
+    Clients wait for it; ages are read per answer.
 
     view_of(): an AppsView (raises DockerError); probe_ages(): {app: seconds}.
     max_waiters: requests allowed to wait at once, so waiting entries never hold every
