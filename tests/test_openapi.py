@@ -10,7 +10,6 @@ from openapi_spec_validator import validate
 from healthcheck.web import load_openapi, make_app
 from support import Service, name_for, unique_app, wait_for
 
-pytestmark = pytest.mark.docker
 
 
 def test_document_is_valid_openapi_3():
@@ -45,6 +44,7 @@ def test_envelope_codes_are_documented():
                      errors.CODE_NO_ROUTE, errors.CODE_FORBIDDEN, errors.CODE_INTERNAL}
 
 
+@pytest.mark.docker
 def test_schemathesis_against_the_live_service(docker_engine, docker, tmp_path):
     running, exited, paused = unique_app("st"), unique_app("st"), unique_app("st")
     docker.run(name_for(running), "--health-cmd", "true", "--health-interval", "1s")
