@@ -76,12 +76,13 @@ class DrainState(object):
             if not isinstance(reason, str):
                 problems.append("reason of %s is not a string: dropped" % app)
                 reason = ""
-            elif reason != clean_reason(reason):
+            shown = clean_reason(reason)
+            if shown != reason:
                 problems.append("reason of %s had characters that cannot be shown: replaced" % app)
             if not isinstance(since, (int, float)) or isinstance(since, bool) or not 0 <= since < 1e11:
                 problems.append("since of %s is not a time: 0 used" % app)
                 since = 0
-            drains[app] = Drain(clean_reason(reason), int(since))
+            drains[app] = Drain(shown, int(since))
         return cls(drains), problems
 
 

@@ -22,7 +22,7 @@ def _pad(text, width):
 
 
 def _clean(value, limit=60):
-    shown = text.one_line("" if value is None else str(value))
+    shown = text.without_surrogates("" if value is None else str(value))
     shown = "".join(ch if ch.isprintable() else " " for ch in shown)
     return shown if display_width(shown) <= limit else shown[:limit - 1] + "…"
 

@@ -103,7 +103,7 @@ def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, h
     @route("/apps/feed")
     def apps_feed(_flags):
         if feed is None:
-            raise errors.InvalidInput("the feed is not served by this instance")
+            bottle.abort(404)  # answered by the 404 handler: code 14
         client_index, wait_s = feed_query()
         index, verdicts, stale_s, held = feed.answer(client_index, wait_s)
         return render.Rendered(200, feeds.CONTENT_TYPE,

@@ -622,6 +622,33 @@ def _run_nginx_with_hosts(conf, hosts_text, workdir):
     return proc
 
 
+def start_bk_entry(workdir, label, app_upstream, values, hosts_text, extra_init="", edit=None):
+    """A replica of BlueKing 6.x's entry (nginx.conf, paas.conf, consul's app_upstream.conf) with
+    README's steps applied, ngx.upstream from its double; edit(nginx_conf, paas_conf) may
+    change the result. Returns (process, error log)."""
+    with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
+        handle.write(app_upstream)
+    nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR,
+                                               extra_init=extra_init)
+    if edit is not None:
+        nginx_conf, paas_conf = edit(nginx_conf, paas_conf)
+    with open(os.path.join(workdir, "paas.conf"), "w") as handle:
+        handle.write(paas_conf)
+    conf = os.path.join(workdir, "%s.conf" % label)
+    with open(conf, "w") as handle:
+        handle.write(_openresty_modules())
+        handle.write(_nginx_main(workdir, label).replace("warn;", "info;"))
+        handle.write(with_double(nginx_conf))
+    return _run_nginx_with_hosts(conf, hosts_text, workdir), os.path.join(workdir, "%s-error.log" % label)
+
+
+def stop_bk_entry(proc, error_log):
+    """Stop it; and no Lua error may have been logged over its whole run, whatever the tests."""
+    _stop(proc)
+    text = open(error_log).read()
+    assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]
+
+
 @pytest.fixture(scope="module")
 def bk_entry(cluster):
     _need("unshare")
@@ -636,29 +663,17 @@ def bk_entry(cluster):
     port = free_port()
     values = {"dir": workdir, "paas": paas.port, "port": port, "app": APP, "a": appo2.addr, "b": appo3.addr,
               "both": BOTH_NAME, "ngx": appo2.ngx_port, "down": down.port}
-    with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
-        handle.write(BK_APP_UPSTREAM % values)
-    nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR)
-    with open(os.path.join(workdir, "paas.conf"), "w") as handle:
-        handle.write(paas_conf)
-    conf = os.path.join(workdir, "bkentry.conf")
-    with open(conf, "w") as handle:
-        handle.write(_openresty_modules())
-        handle.write(_nginx_main(workdir, "bkentry").replace("warn;", "info;"))
-        handle.write(with_double(nginx_conf))
-    proc = _run_nginx_with_hosts(conf, "127.0.0.1 localhost\n%s %s\n%s %s\n" % (
-        appo2.ip, BOTH_NAME, appo3.ip, BOTH_NAME), workdir)
+    proc, error_log = start_bk_entry(workdir, "bkentry", BK_APP_UPSTREAM % values, values,
+                                     "127.0.0.1 localhost\n%s %s\n%s %s\n" % (appo2.ip, BOTH_NAME, appo3.ip, BOTH_NAME))
     state = {"port": port, "paas": paas, "placeholder": placeholder, "workdir": workdir, "down": down,
-             "error_log": os.path.join(workdir, "bkentry-error.log"), "proc": proc,
+             "error_log": error_log, "proc": proc,
              "o": Traffic(port), "t": Traffic(port, "/t/%s/" % APP), "bare": Traffic(port, "/o/%s" % APP)}
     try:
         yield state
     finally:
         for key in ("o", "t", "bare"):
             state[key].stop()
-        _stop(proc)
-        text = open(state["error_log"]).read()
-        assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]
+        stop_bk_entry(proc, error_log)
         paas.close()
         down.close()
         placeholder.close()
@@ -949,31 +964,24 @@ def loss_entry(cluster):
     os.makedirs(workdir, exist_ok=True)
     port = free_port()
     values = {"dir": workdir, "paas": free_port(), "port": port, "app": APP, "a": appo2.addr, "b": appo3.addr}
-    with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
-        handle.write(LOSS_UPSTREAM % values)
-    nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR,
-                                               extra_init=LOSS_EXTRA_INIT)
     access_log = os.path.join(workdir, "entry-access.log")
-    nginx_conf = nginx_conf.replace("    access_log off;", "    log_format loss '%s';\n    access_log %s loss;" % (
-        ENTRY_LOG, access_log), 1)
-    paas_conf = paas_conf.replace("include %s/entry-paas.conf;" % LUA_DIR, open(
-        os.path.join(LUA_DIR, "entry-paas.conf")).read().replace("proxy_connect_timeout 3;",
-                                                                 "proxy_connect_timeout 3;\n    " + READ_TIMEOUT))
-    with open(os.path.join(workdir, "paas.conf"), "w") as handle:
-        handle.write(paas_conf)
-    conf = os.path.join(workdir, "loss.conf")
-    with open(conf, "w") as handle:
-        handle.write(_openresty_modules())
-        handle.write(_nginx_main(workdir, "loss").replace("warn;", "info;"))
-        handle.write(with_double(nginx_conf))
-    proc = _run_nginx_with_hosts(conf, "127.0.0.1 localhost\n", workdir)
-    state = {"port": port, "proc": proc, "workdir": workdir, "access_log": access_log, "appo_addrs": [appo2.addr, appo3.addr],
-             "error_log": os.path.join(workdir, "loss-error.log"), "load": Load(port)}
+
+    def with_log_and_read_timeout(nginx_conf, paas_conf):
+        nginx_conf = nginx_conf.replace("    access_log off;", "    log_format loss '%s';\n    access_log %s loss;" % (
+            ENTRY_LOG, access_log), 1)
+        snippet = open(os.path.join(LUA_DIR, "entry-paas.conf")).read()
+        paas_conf = paas_conf.replace("include %s/entry-paas.conf;" % LUA_DIR, snippet.replace(
+            "proxy_connect_timeout 3;", "proxy_connect_timeout 3;\n    " + READ_TIMEOUT))
+        return nginx_conf, paas_conf
+    proc, error_log = start_bk_entry(workdir, "loss", LOSS_UPSTREAM % values, values, "127.0.0.1 localhost\n",
+                                     extra_init=LOSS_EXTRA_INIT, edit=with_log_and_read_timeout)
+    state = {"port": port, "proc": proc, "workdir": workdir, "access_log": access_log,
+             "appo_addrs": [appo2.addr, appo3.addr], "error_log": error_log, "load": Load(port)}
     try:
         yield state
     finally:
         state["load"].stop()
-        _stop(proc)
+        stop_bk_entry(proc, error_log)
 
 
 def _attempts_at(access_log, addr, since_wall):

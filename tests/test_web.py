@@ -409,3 +409,10 @@ def test_feed_answers_every_app_in_its_text_format(harness):
 def test_feed_route_refuses_bad_index_and_wait(harness, query):
     status, body = harness().json("/apps/feed", query=query)
     assert status == 400 and body["code"] == 13
+
+
+def test_feed_route_without_a_feed_is_404_code_14(harness):
+    h = harness()
+    h.app = wsgiref.validate.validator(Instrumented(make_app(h.checker, h.metrics, h.prefix), h.metrics))
+    status, body = h.json("/apps/feed")
+    assert status == 404 and body["code"] == 14

@@ -456,11 +456,6 @@ local function take_ejections(dict, addr, st)
     end
 end
 
-local function keep_state(dict, app, addr, now, value, st, refresh)
-    -- A steady state is not rewritten: only kept from expiring, on the slow refresh.
-    if refresh and value then dict:expire("s:" .. app .. "|" .. addr, conf.forget_after) end
-end
-
 -- Apply one feed answer: everything when the index moved (or on the slow refresh), else only
 -- the apps rising or ejected here.
 local function apply_feed(dict, addr, st, answer, now)
@@ -477,7 +472,8 @@ local function apply_feed(dict, addr, st, answer, now)
             local value = dict:get(key)
             if value or healthy or fixed[app] or dict:get("r:" .. app) then
                 if observe(dict, app, addr, healthy, now, value, 1) then rising[app] = true end
-                keep_state(dict, app, addr, now, value, st, refresh)
+                -- a steady state is not rewritten, only kept from expiring on the slow refresh
+                if refresh and value then dict:expire(key, conf.forget_after) end
             end
             if not healthy then
                 local wkey = "w:" .. app .. "|" .. addr
@@ -591,13 +587,23 @@ local function owner_id()
     return format("%.3f/%d", generation, ngx.worker.pid())
 end
 
+local function configured_appos()
+    local seen, out = {}, {}
+    local function add(addr)
+        if not seen[addr] then seen[addr] = true; out[#out + 1] = addr end
+    end
+    for _, addr in ipairs(conf.appos) do add(addr) end
+    for _, list in pairs(conf.apps) do
+        for _, addr in ipairs(list) do add(addr) end
+    end
+    return out, seen
+end
+
 local function channel(premature, addr, listed)
     if premature then return end
     local dict = shared[conf.dict]
     local me = owner_id()
-    local configured = {}
-    for _, a in ipairs(conf.appos) do configured[a] = true end
-    for a in pairs(fixed_by_addr) do configured[a] = true end
+    local _, configured = configured_appos()
     local st = { mode = "feed", mode_at = 0, index = nil, listed = listed or {}, rising = {}, ejected = {},
                  full_at = 0, failures = 0 }
     -- Ejections of this APPO that a previous owner had not cleared yet.
@@ -637,18 +643,6 @@ local function scan(dict)
         end
     end
     return addrs, states
-end
-
-local function configured_appos()
-    local seen, out = {}, {}
-    local function add(addr)
-        if not seen[addr] then seen[addr] = true; out[#out + 1] = addr end
-    end
-    for _, addr in ipairs(conf.appos) do add(addr) end
-    for _, list in pairs(conf.apps) do
-        for _, addr in ipairs(list) do add(addr) end
-    end
-    return out, seen
 end
 
 -- Every interval, one worker of this configuration looks for APPOs without a channel (new,
