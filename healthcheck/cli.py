@@ -18,7 +18,7 @@ from healthcheck.matching import NamePattern, validate_app_code
 from healthcheck.metrics import Metrics
 from healthcheck.probe import probe_app, probe_url
 from healthcheck.prober import Prober
-from healthcheck.render import Renderer, render_error
+from healthcheck.render import Renderer, render_error, reports_from_apps_answer
 from healthcheck.snapshot import Snapshotter
 from healthcheck.verdict_log import VerdictLog
 
@@ -195,32 +195,31 @@ def maintain(args):
 
 
 def _apps_from_service(url, include_all, timeout_s):
-    """(answer dict or None, problem) from the running service's /apps."""
+    """(answer bytes or None, problem) from the running service's /apps."""
     import urllib.request
     target = url.rstrip("/") + "/apps" + ("?all=true" if include_all else "")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
     try:
         with opener.open(urllib.request.Request(target, headers={"Accept": "application/json"}),
                          timeout=timeout_s) as response:
-            return json.loads(response.read().decode("utf-8")), None
+            return response.read(), None
     except urllib.error.HTTPError as exc:
         try:
             return None, json.loads(exc.read().decode("utf-8")).get("message", str(exc))
-        except ValueError:
+        except (ValueError, AttributeError):
             return None, str(exc)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         return None, "cannot ask %s: %s" % (target, exc)
 
 
 def _apps_direct(args):
-    """(answer dict or None, problem), asking docker and probing here, each app's probe awaited."""
+    """(AppsView or None, problem), asking docker and probing here, each app's probe awaited."""
     service = Service(args, Metrics(), refresh_s=60.0, max_stale_s=0.0, probe_workers=32,
                       probe_wait_s=args.probe_timeout + 1.0).start()
     try:
         view = service.checker.check_all(args.all)  # every app's probe starts now, in parallel
         reports = [service.checker.check(r.app, args.all)[0] for r in view.reports]
-        view = view._replace(reports=reports)
-        return json.loads(Renderer().apps(view, args.all).body.decode("utf-8")), None
+        return view._replace(reports=reports), None
     except HealthcheckError as exc:
         return None, str(exc)
     finally:
@@ -228,21 +227,29 @@ def _apps_direct(args):
 
 
 def apps_table(args):
+    """The apps as a table (or the /apps JSON), from the service or, with --direct, from
+    docker here; both become the same reports before anything is printed."""
     logs.configure("warning", None)
     if args.direct:
-        answer, problem = _apps_direct(args)
+        view, problem = _apps_direct(args)
+        body = Renderer().apps(view, args.all).body if view is not None else None
+        reports = view.reports if view is not None else None
     else:
-        answer, problem = _apps_from_service(args.url, args.all, args.docker_timeout + 2)
-    if answer is None:
+        body, problem = _apps_from_service(args.url, args.all, args.docker_timeout + 2)
+        reports = None
+        if body is not None:
+            try:
+                reports = reports_from_apps_answer(json.loads(body.decode("utf-8")))
+            except (ValueError, AttributeError, TypeError) as exc:
+                reports, problem = None, "%s did not give a /apps answer: %s" % (args.url, exc)
+    if reports is None:
         sys.stderr.write("container-healthcheck apps: %s\n" % problem)
         return EXIT_UNKNOWN
     if args.json:
-        write_json(text.utf8(json.dumps(answer, ensure_ascii=False)))
+        write_json(body)
     else:
-        sys.stdout.write(terminal.render_table(terminal.rows_from_apps_answer(answer), sys.stdout.encoding))
-    message = answer.get("message", {})
-    return EXIT_HEALTHY if not message.get("unhealthy") and len(message.get("healthy", [])) == len(
-        message.get("apps", {})) else EXIT_UNHEALTHY
+        sys.stdout.write(terminal.render_table(terminal.rows(reports), sys.stdout.encoding))
+    return EXIT_HEALTHY if all(r.healthy for r in reports) else EXIT_UNHEALTHY
 
 
 def write_json(body):

@@ -1,5 +1,4 @@
 """Planned maintenance: the drain state file (this host, or some apps on it, drained on purpose)."""
-import collections
 import json
 import logging
 import os
@@ -9,6 +8,7 @@ import time
 
 from healthcheck import text
 from healthcheck.matching import APP_CODE_RE
+from healthcheck.models import Drain  # noqa: F401 (drain.Drain: the state file's entries)
 
 log = logging.getLogger(__name__)
 
@@ -17,16 +17,6 @@ ALL_APPS = "*"  # the key of a host-wide drain
 _MAX_REASON = 200
 # A state file is a few hundred bytes; reading more than this is reading something else.
 _MAX_FILE_BYTES = 16 * 1024 * 1024
-
-
-class Drain(collections.namedtuple("Drain", "reason since")):
-    """One drain: why (operator's words) and since when (Unix seconds)."""
-
-    __slots__ = ()
-
-    def describe(self):
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.since))
-        return "draining since %s%s" % (stamp, ": " + self.reason if self.reason else "")
 
 
 class DrainState(object):

@@ -1,5 +1,10 @@
-"""Plain values passed between modules: containers, probe results, health reports."""
+"""Plain values passed between modules: containers, probe results, drains, health reports.
+
+HealthReport is the one model of an answer: the envelope, /apps, the host page, the terminal
+table and `apps --direct` all render from it, and `apps` reads a service's answer back into it.
+"""
 import collections
+import time
 
 from healthcheck import errors
 
@@ -19,6 +24,11 @@ class Port(collections.namedtuple("Port", "ip private_port public_port proto")):
             out["PublicPort"] = self.public_port
         out["Type"] = self.proto
         return out
+
+    @classmethod
+    def from_dict(cls, obj):
+        """The wire object read back (a service's answer)."""
+        return cls(obj.get("IP"), obj.get("PrivatePort"), obj.get("PublicPort"), obj.get("Type") or "")
 
 
 _CONTAINER_FIELDS = "id name names image command created state status health ports"
@@ -54,6 +64,17 @@ class Container(collections.namedtuple("Container", _CONTAINER_FIELDS)):
             ("health", self.health),
         ])
 
+    @classmethod
+    def from_dict(cls, obj):
+        """The wire object read back (a service's answer): id is the 10-hex prefix it carries.
+        :raises ValueError: obj is not a container object."""
+        if not isinstance(obj, dict):
+            raise ValueError("a container is not an object")
+        name = obj.get("names") or ""
+        return cls(obj.get("container_id") or "", name, (name,), obj.get("image") or "", obj.get("command") or "",
+                   obj.get("created") or 0, obj.get("state") or "", obj.get("status") or "",
+                   obj.get("health") or "none", tuple(Port.from_dict(p) for p in obj.get("port") or () if isinstance(p, dict)))
+
 
 PROBE_PENDING = "first probe has not finished yet"
 
@@ -79,6 +100,15 @@ class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error fai
     def is_pending(self):
         return self.status is None and self.error == PROBE_PENDING
 
+    @property
+    def words(self):
+        """The result in a table cell: "pending", the status, or the error."""
+        if self.is_pending:
+            return "pending"
+        if self.status is not None:
+            return str(self.status)
+        return self.error or "failed"
+
     def describe(self):
         if self.is_pending:
             return "GET %s: %s" % (self.url, self.error)
@@ -95,6 +125,26 @@ class ProbeResult(collections.namedtuple("ProbeResult", "ok url status error fai
             out["error"] = self.error
         return out
 
+    @classmethod
+    def from_dict(cls, obj):
+        """The wire object read back; the failure kind is not on the wire (None)."""
+        if not isinstance(obj, dict):
+            raise ValueError("a probe is not an object")
+        return cls(obj.get("ok") is True, obj.get("url") or "", obj.get("status"), obj.get("error"))
+
+
+class Drain(collections.namedtuple("Drain", "reason since")):
+    """One drain: why (operator's words) and since when (Unix seconds; None when read back
+    from an answer, which does not carry it)."""
+
+    __slots__ = ()
+
+    def describe(self):
+        if self.since is None:
+            return "draining%s" % (": " + self.reason if self.reason else "")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.since))
+        return "draining since %s%s" % (stamp, ": " + self.reason if self.reason else "")
+
 
 _REPORT_FIELDS = "app healthy reason chosen containers probe drain short"
 
@@ -110,18 +160,44 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
 
     __slots__ = ()
 
+    @property
+    def code(self):
+        """The envelope code: CODE_OK, CODE_DRAINING or CODE_UNHEALTHY."""
+        if self.healthy:
+            return errors.CODE_OK
+        return errors.CODE_DRAINING if self.drain is not None else errors.CODE_UNHEALTHY
+
+    @property
+    def serving(self):
+        """The container a table shows: the one answering, else the newest listed, else None."""
+        return self.chosen or (self.containers[0] if self.containers else None)
+
     def to_envelope(self):
         """The wire answer: {code, status, message, containers[, probe]}."""
         if self.healthy:
             envelope = ok_envelope(self.chosen.to_dict())
-        elif self.drain is not None:
-            envelope = error_envelope(errors.CODE_DRAINING, self.reason)
         else:
-            envelope = error_envelope(errors.CODE_UNHEALTHY, self.reason)
+            envelope = error_envelope(self.code, self.reason)
         envelope["containers"] = [c.to_dict() for c in self.containers]
         if self.probe is not None:
             envelope["probe"] = self.probe.to_dict()
         return envelope
+
+
+    @classmethod
+    def from_envelope(cls, app, envelope, short=""):
+        """One app's answer read back (its per-app envelope, as /apps carries it); short is
+        the few words /apps gives for an app that is not healthy.
+        :raises ValueError: envelope is not a health answer."""
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("code"), int):
+            raise ValueError("the answer for %s is not an envelope" % app)
+        code, message = envelope["code"], envelope.get("message")
+        containers = tuple(Container.from_dict(c) for c in envelope.get("containers") or ())
+        probe = ProbeResult.from_dict(envelope["probe"]) if envelope.get("probe") is not None else None
+        if code == errors.CODE_OK:
+            return cls(app, True, "", Container.from_dict(message), containers, probe, None, "")
+        drain = Drain(short, None) if code == errors.CODE_DRAINING else None
+        return cls(app, False, str(message), None, containers, probe, drain, short)
 
 
 HealthReport.__new__.__defaults__ = (None, "")  # drain, short

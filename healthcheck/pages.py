@@ -84,15 +84,9 @@ def _probe_cell(report, age):
     probe = report.probe
     if probe is None:
         return "<td class=\"small\">off</td>" if report.chosen is not None else "<td></td>"
-    if probe.is_pending:
-        words = "pending"
-    elif probe.status is not None:
-        words = str(probe.status)
-    else:
-        words = probe.error or "failed"
     css = "ok" if probe.ok else "bad"
     return '<td class="%s" title="%s">%s <span class="small">%s</span></td>' % (
-        css, _e(probe.describe()), _e(words), _e(_age(age) + " ago" if age is not None else ""))
+        css, _e(probe.describe()), _e(probe.words), _e(_age(age) + " ago" if age is not None else ""))
 
 
 def render_host_page(view, probe_ages, host, query="", refresh_s=2, now=None):
@@ -103,7 +97,7 @@ def render_host_page(view, probe_ages, host, query="", refresh_s=2, now=None):
     rows = []
     ordered = sorted(view.reports, key=lambda r: (r.healthy, r.app))
     for report in ordered:
-        serving = report.chosen or (report.containers[0] if report.containers else None)
+        serving = report.serving
         rows.append(
             '<tr data-app="%s"><th>%s</th>%s<td>%s</td><td title="%s">%s</td><td>%s</td><td>%s</td>%s<td>%d</td></tr>' % (
                 _e(report.app.lower()), _e(report.app), _verdict_cell(report),

@@ -1,10 +1,11 @@
-"""Answers on the wire: a report, a view or an error into (status, content type, body bytes) (pure)."""
+"""Answers on the wire: a report, a view or an error into (status, content type, body bytes),
+and a /apps answer back into reports (pure)."""
 import collections
 import json
 import threading
 
 from healthcheck import errors, text
-from healthcheck.models import error_envelope, ok_envelope
+from healthcheck.models import HealthReport, error_envelope, ok_envelope
 
 JSON_TYPE = "application/json; charset=utf-8"
 HEALTHY_STATUS, UNHEALTHY_STATUS = 200, 503
@@ -17,6 +18,15 @@ _MEMO_MAX = 8192
 def encode(envelope):
     """Compact UTF-8 JSON, the same bytes for the same envelope; never raises on odd text."""
     return text.utf8(json.dumps(envelope, ensure_ascii=False, separators=(",", ":")))
+
+
+def with_member(encoded_object, key, encoded_value):
+    """A JSON object's bytes with one more member whose value is already encoded: /apps
+    reuses each app's cached answer bytes instead of encoding them again."""
+    if not encoded_object.endswith(b"}"):
+        raise ValueError("not an encoded JSON object")
+    separator = b"" if encoded_object == b"{}" else b","
+    return encoded_object[:-1] + separator + encode(key) + b":" + encoded_value + b"}"
 
 
 def status_of(exc):
@@ -69,10 +79,10 @@ class Renderer(object):
         # Why each other app is not healthy, in a few words, before the bulky per-app answers:
         # the entry balancer reads only this far.
         head["unhealthy"] = collections.OrderedDict((r.app, r.short) for r in view.reports if not r.healthy)
-        parts = [encode(ok_envelope(head))[:-2], b',"apps":{']
-        parts.append(b",".join(encode(r.app) + b":" + self._body(r, include_all) for r in view.reports))
-        parts.append(b"}}}")
-        return Rendered(HEALTHY_STATUS, JSON_TYPE, b"".join(parts))
+        apps = b"{" + b",".join(encode(r.app) + b":" + self._body(r, include_all) for r in view.reports) + b"}"
+        message = with_member(encode(head), "apps", apps)
+        envelope = encode(collections.OrderedDict([("code", errors.CODE_OK), ("status", "ok")]))
+        return Rendered(HEALTHY_STATUS, JSON_TYPE, with_member(envelope, "message", message))
 
     def _body(self, report, include_all):
         key = (report.app, include_all)
@@ -85,3 +95,16 @@ class Renderer(object):
                 self._bodies.clear()
             self._bodies[key] = (report, body)
         return body
+
+
+def reports_from_apps_answer(answer):
+    """The HealthReports in a /apps answer (a service's JSON, decoded), in its order.
+    :raises ValueError: answer is not a /apps answer."""
+    if not isinstance(answer, dict) or answer.get("code") != errors.CODE_OK:
+        raise ValueError("not a /apps answer")
+    message = answer.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("apps"), dict):
+        raise ValueError("not a /apps answer")
+    shorts = message.get("unhealthy") if isinstance(message.get("unhealthy"), dict) else {}
+    return [HealthReport.from_envelope(app, envelope, str(shorts.get(app, "")))
+            for app, envelope in message["apps"].items()]

@@ -27,29 +27,19 @@ def _clean(value, limit=60):
     return shown if display_width(shown) <= limit else shown[:limit - 1] + "…"
 
 
-def rows_from_apps_answer(answer):
-    """Table rows from a /apps answer (the JSON the service serves), unhealthy apps first."""
-    message = answer["message"]
-    reasons = message.get("unhealthy", {})
-    rows = []
-    for app, entry in message["apps"].items():
-        healthy = entry.get("code") == 0
-        containers = entry.get("containers") or []
-        serving = entry["message"] if healthy else (containers[0] if containers else None)
-        probe = entry.get("probe")
-        if probe is None:
-            probe_text = "-"
-        elif probe.get("status") is not None:
-            probe_text = str(probe["status"])
-        else:
-            probe_text = probe.get("error") or "failed"
-        verdict = "healthy" if healthy else ("draining" if entry.get("code") == errors.CODE_DRAINING else "UNHEALTHY")
-        rows.append((not healthy, app, (
-            app, verdict, "" if healthy else reasons.get(app, ""), serving.get("names") if serving else "",
-            serving.get("status") if serving else "", serving.get("health") if serving else "",
-            probe_text, str(len(containers)))))
-    rows.sort(key=lambda row: (not row[0], row[1]))
-    return [cells for _, _, cells in rows]
+_VERDICT_WORDS = {errors.CODE_OK: "healthy", errors.CODE_DRAINING: "draining"}
+
+
+def rows(reports):
+    """Table rows from HealthReports, apps not healthy first."""
+    out = []
+    for report in sorted(reports, key=lambda r: (r.healthy, r.app)):
+        serving = report.serving
+        out.append((
+            report.app, _VERDICT_WORDS.get(report.code, "UNHEALTHY"), report.short,
+            serving.name if serving else "", serving.status if serving else "", serving.health if serving else "",
+            report.probe.words if report.probe is not None else "-", str(len(report.containers))))
+    return out
 
 
 def render_table(rows, encoding="utf-8", columns=COLUMNS):

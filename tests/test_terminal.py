@@ -1,7 +1,13 @@
 """The terminal table: aligned by display width, long app codes and CJK text included."""
+import json
+
 import pytest
 
-from healthcheck.terminal import COLUMNS, display_width, render_table, rows_from_apps_answer
+from healthcheck import drain, verdict
+from healthcheck.checker import AppsView
+from healthcheck.models import Container, ProbeResult
+from healthcheck.render import Renderer, reports_from_apps_answer
+from healthcheck.terminal import COLUMNS, display_width, render_table, rows
 
 
 def _column_starts(line, cells):
@@ -49,10 +55,42 @@ def test_rows_from_an_apps_answer_put_unhealthy_first():
                     "probe": {"ok": False, "status": 502}},
             "off": {"code": 17, "message": "...", "containers": []},
         }}}
-    rows = rows_from_apps_answer(answer)
-    assert [r[:3] for r in rows] == [("bad", "UNHEALTHY", "probe 502"), ("off", "draining", "draining: 维护"),
-                                     ("ok", "healthy", "")]
-    assert rows[0][6] == "502" and rows[1][3] == "" and rows[2][3] == "ok-1709878117"
+    table = rows(reports_from_apps_answer(answer))
+    assert [r[:3] for r in table] == [("bad", "UNHEALTHY", "probe 502"), ("off", "draining", "draining: 维护"),
+                                      ("ok", "healthy", "")]
+    assert table[0][6] == "502" and table[1][3] == "" and table[2][3] == "ok-1709878117"
+
+
+def _container(name, state="running", status="Up 1 hour", health="none"):
+    return Container("f" * 64, name, (name,), "img", "uwsgi", 1709878117, state, status, health, ())
+
+
+def test_the_table_is_the_same_from_reports_and_from_their_apps_answer():
+    """`apps --direct` renders the reports; `apps` renders the service's /apps answer read
+    back: one model, so both print the same table."""
+    reports = [
+        verdict.decide("ok", [_container("ok-1709878117")], probe=ProbeResult(True, "http://127.0.0.1/o/ok/", 200, None)),
+        verdict.decide("bad", [_container("bad-1709878117")],
+                       probe=ProbeResult(False, "http://127.0.0.1/o/bad/", None, "timed out", "timeout")),
+        verdict.decide("gone", [_container("gone-1709878117", "exited", "Exited (1) 3 minutes ago")], True),
+        verdict.decide("none", []),
+        verdict.decide("off", [_container("off-1709878117")], drain=drain.Drain("内核升级", 1709878117)),
+        verdict.decide("pending", [_container("pending-1709878117", health="starting")],
+                       probe=ProbeResult.pending("http://127.0.0.1/o/pending/")),
+    ]
+    answer = json.loads(Renderer().apps(AppsView(reports, 0.5, None), True).body.decode("utf-8"))
+    read_back = reports_from_apps_answer(answer)
+    assert rows(read_back) == rows(reports)
+    assert [r.code for r in read_back] == [r.code for r in reports]
+    assert [r.to_envelope() for r in read_back] == [json.loads(json.dumps(r.to_envelope())) for r in reports]
+
+
+@pytest.mark.parametrize("answer", [None, [], {"code": 0}, {"code": 10, "message": "docker down"},
+                                    {"code": 0, "message": {"apps": {"a": "x"}}},
+                                    {"code": 0, "message": {"apps": {"a": {"code": 0, "message": 3}}}}])
+def test_what_is_not_an_apps_answer_is_refused_in_words(answer):
+    with pytest.raises(ValueError):
+        reports_from_apps_answer(answer)
 
 
 def test_an_ascii_terminal_gets_escapes_aligned_as_printed():
