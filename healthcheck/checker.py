@@ -3,6 +3,7 @@ import collections
 import threading
 
 from healthcheck import verdict
+from healthcheck.bounded import BoundedCache
 from healthcheck.models import ProbeResult
 
 # Every app on this host at one moment: reports sorted by app, the snapshot's age, and
@@ -34,9 +35,9 @@ class Checker(object):
         self._probe_wait_s = probe_wait_s
         self._observe = observe
         self._memo_lock = threading.Lock()
-        self._recorded = {}  # app -> the last report given to _record (identity: logged once)
-        # (snapshot generation, {app: (matches, serving), (app, all): (probe, report)})
-        self._memo = (-1, {})
+        self._recorded = BoundedCache(_MEMO_MAX)  # app -> the last report given to _record
+        # (snapshot generation, {"": apps, app: (matches, serving), (app, all): (probe, report)})
+        self._memo = (-1, BoundedCache(_MEMO_MAX))
 
     def check(self, app, include_all=False):
         """(HealthReport, stale_s) for one app (already validated).
@@ -86,21 +87,17 @@ class Checker(object):
         return {app: age for app, (_, age) in self._prober.known().items()}
 
     def _apps(self, snapshot, memo):
-        apps = memo.get("") if memo is not None else None
+        apps = memo.get("")
         if apps is None:
             names = (self._pattern.app_of(c.name) for c in snapshot.containers)
-            apps = sorted(set(filter(None, names)))
-            if memo is not None:
-                memo[""] = apps
+            apps = memo.put("", sorted(set(filter(None, names))))
         return apps
 
     def _select(self, snapshot, app, memo):
-        selection = memo.get(app) if memo is not None else None
+        selection = memo.get(app)
         if selection is None:
             matches = self._pattern.select(snapshot.containers, app)
-            selection = (matches, verdict.pick_serving(matches))
-            if memo is not None and len(memo) < _MEMO_MAX:
-                memo[app] = selection
+            selection = memo.put(app, (matches, verdict.pick_serving(matches)))
         return selection
 
     def _drain_for(self, app):
@@ -114,8 +111,7 @@ class Checker(object):
         if cached is not None and cached[0] == probe and cached[1].drain == drain:
             return cached[1]
         report = verdict.decide(app, matches, include_all, probe, drain)
-        if len(memo) < _MEMO_MAX:
-            memo[key] = (probe, report)
+        memo.put(key, (probe, report))
         return report
 
     def _record(self, report, matches):
@@ -123,9 +119,7 @@ class Checker(object):
         the last verdict per app, so the same report twice logs once)."""
         if self._observe is not None and report is not self._recorded.get(report.app):
             self._observe(report, bool(matches))
-            if len(self._recorded) >= _MEMO_MAX:
-                self._recorded.clear()
-            self._recorded[report.app] = report
+            self._recorded.put(report.app, report)
         return report
 
     def _memo_for(self, generation):
@@ -137,10 +131,10 @@ class Checker(object):
         with self._memo_lock:
             memo_generation, memo = self._memo
             if generation > memo_generation:
-                memo = {}
+                memo = BoundedCache(_MEMO_MAX)
                 self._memo = (generation, memo)
             elif generation < memo_generation:
-                return {}
+                return BoundedCache(_MEMO_MAX)
         return memo
 
     def _ask(self, app, serving, wait_s):

@@ -208,7 +208,7 @@ def _apps_from_service(url, include_all, timeout_s):
             return None, json.loads(exc.read().decode("utf-8")).get("message", str(exc))
         except (ValueError, AttributeError):
             return None, str(exc)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a URL http.client cannot send
         return None, "cannot ask %s: %s" % (target, exc)
 
 

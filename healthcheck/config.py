@@ -1,17 +1,18 @@
-"""Command-line flags, including the Go tool's single-dash spellings, into one Settings."""
+"""Command-line flags, including the Go tool's single-dash spellings, into one frozen Settings.
+
+The defaults of a domain live with it (the name pattern in matching, the bad statuses in
+probe, the state folder in drain); this module only spells the flags.
+"""
 import argparse
+import collections
 import ipaddress
 import re
 
 from healthcheck import __version__
+from healthcheck.drain import DEFAULT_STATE_DIR
 from healthcheck.errors import ConfigError
-
-# BlueKing names containers <app_code>-<unix time> (Python SaaS) or <app_code><unix time> (Java).
-DEFAULT_NAME_PATTERN = "{app}-?[0-9]{10}"
-# What the APPO Nginx answers when the app behind it is down.
-DEFAULT_BAD_STATUSES = (502, 503, 504)
-# Where `drain` keeps its state (the RPM creates it, owned by the service user).
-DEFAULT_STATE_DIR = "/var/lib/container-healthcheck"
+from healthcheck.matching import DEFAULT_NAME_PATTERN, check_name_template
+from healthcheck.probe import DEFAULT_BAD_STATUSES
 
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9_.~-]+)*")
 
@@ -70,17 +71,6 @@ def _networks(text):
         return tuple(str(ipaddress.ip_network(part.strip(), strict=False)) for part in text.split(",") if part.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc))
-
-
-def check_name_template(template):
-    """:raises ConfigError: template lacks exactly one {app} or is not a valid regex."""
-    if template.count("{app}") != 1:
-        raise ConfigError("--name-pattern must contain {app} exactly once: %r" % template)
-    try:
-        re.compile(template.replace("{app}", "x"))
-    except re.error as exc:
-        raise ConfigError("--name-pattern %r is not a valid regex: %s" % (template, exc))
-    return template
 
 
 def _name_pattern(text):
@@ -182,9 +172,23 @@ def build_parser():
     return parser
 
 
+_SETTINGS_TYPES = {}
+
+
+def frozen(namespace):
+    """The parsed flags as an immutable Settings (a namedtuple of the command's flags): built
+    once, read everywhere, changed nowhere."""
+    fields = tuple(sorted(vars(namespace)))
+    settings_type = _SETTINGS_TYPES.get(fields)
+    if settings_type is None:
+        settings_type = _SETTINGS_TYPES.setdefault(fields, collections.namedtuple("Settings", fields))
+    return settings_type(**vars(namespace))
+
+
 def parse_args(argv):
-    """Parse argv. With no subcommand, or the Go tool's bare flags, `serve` is meant."""
+    """Settings from argv. With no subcommand, or the Go tool's bare flags, `serve` is meant.
+    Bad flags exit 2 with argparse's message, as the Go tool's did."""
     argv = list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version", "-version")):
         argv.insert(0, "serve")
-    return build_parser().parse_args(argv)
+    return frozen(build_parser().parse_args(argv))

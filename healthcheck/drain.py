@@ -12,6 +12,8 @@ from healthcheck.models import Drain  # noqa: F401 (drain.Drain: the state file'
 
 log = logging.getLogger(__name__)
 
+# Where `drain` keeps its state (the RPM creates it, owned by the service user).
+DEFAULT_STATE_DIR = "/var/lib/container-healthcheck"
 STATE_FILE_NAME = "drain.json"
 ALL_APPS = "*"  # the key of a host-wide drain
 _MAX_REASON = 200

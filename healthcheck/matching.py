@@ -1,9 +1,10 @@
 """Which containers belong to an app: app code validation and the name pattern (pure)."""
 import re
-import threading
-
-from healthcheck.config import DEFAULT_NAME_PATTERN, check_name_template
+from healthcheck.bounded import BoundedCache
 from healthcheck.errors import ConfigError, InvalidInput
+
+# BlueKing names containers <app_code>-<unix time> (Python SaaS) or <app_code><unix time> (Java).
+DEFAULT_NAME_PATTERN = "{app}-?[0-9]{10}"
 
 APP_CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # How /apps recovers app codes from names: {app} as a lazy group of app-code characters.
@@ -20,6 +21,17 @@ def validate_app_code(app):
     return app
 
 
+def check_name_template(template):
+    """:raises ConfigError: template lacks exactly one {app} or is not a valid regex."""
+    if template.count("{app}") != 1:
+        raise ConfigError("--name-pattern must contain {app} exactly once: %r" % template)
+    try:
+        re.compile(template.replace("{app}", "x"))
+    except re.error as exc:
+        raise ConfigError("--name-pattern %r is not a valid regex: %s" % (template, exc))
+    return template
+
+
 def _shorten(value):
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -34,18 +46,13 @@ class NamePattern(object):
             self._recover = re.compile(template.replace("{app}", _APP_GROUP))
         except re.error as exc:
             raise ConfigError("--name-pattern %r is not a valid regex: %s" % (template, exc))
-        self._per_app = {}
-        self._lock = threading.Lock()
+        self._per_app = BoundedCache(_COMPILED_PER_APP_MAX)
 
     def for_app(self, app):
         """The compiled full-match regex for one app code (data, escaped: never a regex)."""
         compiled = self._per_app.get(app)
         if compiled is None:
-            compiled = re.compile(self.template.replace("{app}", re.escape(app)))
-            with self._lock:
-                if len(self._per_app) >= _COMPILED_PER_APP_MAX:
-                    self._per_app.clear()
-                self._per_app[app] = compiled
+            compiled = self._per_app.put(app, re.compile(self.template.replace("{app}", re.escape(app))))
         return compiled
 
     def select(self, containers, app):

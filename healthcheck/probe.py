@@ -2,10 +2,11 @@
 import socket
 import time
 
-from healthcheck import __version__
-from healthcheck.config import DEFAULT_BAD_STATUSES
-from healthcheck import models
+from healthcheck import __version__, models
 from healthcheck.models import ProbeResult
+
+# What the APPO Nginx answers when the app behind it is down.
+DEFAULT_BAD_STATUSES = (502, 503, 504)
 
 _MAX_STATUS_LINE = 8192
 

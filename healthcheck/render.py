@@ -2,10 +2,10 @@
 and a /apps answer back into reports (pure)."""
 import collections
 import json
-import threading
 
 from healthcheck import errors, text
-from healthcheck.models import HealthReport, error_envelope, ok_envelope
+from healthcheck.bounded import BoundedCache
+from healthcheck.models import HealthReport, error_envelope
 
 JSON_TYPE = "application/json; charset=utf-8"
 HEALTHY_STATUS, UNHEALTHY_STATUS = 200, 503
@@ -59,8 +59,7 @@ class Renderer(object):
     changed, so its bytes are reused instead of encoded per request."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._bodies = {}  # (app, include_all) -> (report, body)
+        self._bodies = BoundedCache(_MEMO_MAX)  # (app, include_all) -> (report, body)
 
     def report(self, report, include_all, stale_s=None):
         """One app's answer; stale_s (seconds) is added while docker does not answer."""
@@ -90,10 +89,7 @@ class Renderer(object):
         if cached is not None and cached[0] is report:
             return cached[1]
         body = encode(report.to_envelope())
-        with self._lock:
-            if len(self._bodies) >= _MEMO_MAX:
-                self._bodies.clear()
-            self._bodies[key] = (report, body)
+        self._bodies.put(key, (report, body))
         return body
 
 

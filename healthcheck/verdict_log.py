@@ -1,7 +1,8 @@
 """Verdict changes in the log: one line when an app on this host turns unhealthy or recovers."""
-import collections
 import logging
 import threading
+
+from healthcheck.bounded import BoundedCache
 
 log = logging.getLogger("healthcheck.verdict")
 
@@ -17,10 +18,9 @@ class VerdictLog(object):
     """
 
     def __init__(self, max_apps=10000, logger=log):
-        self._max_apps = max_apps
         self._log = logger
         self._lock = threading.Lock()
-        self._last = collections.OrderedDict()
+        self._last = BoundedCache(max_apps)  # app -> the verdict last logged
 
     def __call__(self, report, exists=True):
         """exists: the app has containers on this host (in any state)."""
@@ -38,12 +38,9 @@ class VerdictLog(object):
             if not exists:
                 if previous is None:
                     return
-                del self._last[report.app]
+                self._last.pop(report.app)
             else:
-                self._last[report.app] = current
-                self._last.move_to_end(report.app)
-                while len(self._last) > self._max_apps:
-                    self._last.popitem(last=False)
+                self._last.put(report.app, current)
         if not report.healthy:
             self._log.warning("app %s is not healthy: %s", report.app, report.reason)
         elif previous is not None:

@@ -9,6 +9,7 @@ import time
 import bottle
 
 from healthcheck import __version__, errors, feed as feeds, pages, render
+from healthcheck.bounded import BoundedCache
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from healthcheck.models import error_envelope, ok_envelope
@@ -213,7 +214,7 @@ class Instrumented(object):
         self._metrics = metrics
         self._access_log = access_log if access_log is not None and access_log.enabled else None
         self._allow = [ipaddress.ip_network(net, strict=False) for net in allow] if allow else None
-        self._allowed_addrs = {}
+        self._allowed_addrs = BoundedCache(10000)  # client address -> allowed
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
@@ -255,6 +256,5 @@ class Instrumented(object):
                 verdict = any(ip in net for net in self._allow)
             except ValueError:
                 verdict = False
-            if len(self._allowed_addrs) < 10000:
-                self._allowed_addrs[addr] = verdict
+            self._allowed_addrs.put(addr, verdict)
         return verdict

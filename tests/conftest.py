@@ -14,6 +14,15 @@ def _docker_answers():
         return False
 
 
+def pytest_collection_modifyitems(items):
+    """The docker marker on exactly the tests that need an engine: those that use the
+    docker_engine fixture, directly or through another fixture (`-m "not docker"` runs
+    the rest in seconds)."""
+    for item in items:
+        if "docker_engine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.docker)
+
+
 @pytest.fixture(scope="session")
 def docker_engine():
     """A real Docker engine (make test starts one). Missing in CI is a failure, not a skip."""

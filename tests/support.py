@@ -204,8 +204,10 @@ class LoopbackServer(object):
     """A TCP server on a loopback address for stand-ins (an APPO Nginx, the PaaS upstream):
     accepts on a thread, hands each connection to handle(conn) on a thread of its own."""
 
-    def __init__(self, host="127.0.0.1", port=0, backlog=256):
+    def __init__(self, host="127.0.0.1", port=0, backlog=256, handle=None):
         self.connections = 0
+        if handle is not None:
+            self.handle = handle
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
@@ -234,6 +236,32 @@ class LoopbackServer(object):
 
     def close(self):
         self._sock.close()
+
+
+class StatusServer(LoopbackServer):
+    """A loopback HTTP server that answers every request with `status` (a test may change it),
+    `headers` and `body`, and records the paths asked: an APPO Nginx in front of an app."""
+
+    def __init__(self, status=200, body=b"ok", headers=()):
+        self.status, self.body, self.headers, self.paths = status, body, list(headers), []
+        LoopbackServer.__init__(self)
+
+    def handle(self, conn):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                conn.close()
+                return
+            request += chunk
+        self.paths.append(request.split(b" ")[1].decode("latin-1"))
+        head = ["HTTP/1.1 %d Status" % self.status] + ["%s: %s" % pair for pair in self.headers]
+        head += ["Content-Length: %d" % len(self.body), "Connection: close"]
+        try:
+            conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + self.body)
+        except OSError:
+            pass
+        conn.close()
 
 
 # How CentOS 7 runs commands from cron, `env -i` or ssh: the C locale, where Python 3.6

@@ -16,14 +16,11 @@ import urllib.request
 
 import pytest
 
-from support import IMAGE, ROOT, LoopbackServer, Service, child_pids, free_port, run_cli, wait_for
+from support import IMAGE, LUA_DIR, NGINX_MODULES, ROOT, LoopbackServer, Service, child_pids, free_port, run_cli, wait_for
 
-pytestmark = pytest.mark.docker
-LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
 APP = "demo"
 NAME = "demo-1700000000"
 INTERVAL, FALL, RISE = 1, 2, 2
-NGINX_MODULES = "/usr/lib/nginx/modules"
 
 
 def _need(binary):

@@ -31,7 +31,6 @@ def app_with_cjk_command(docker):
     return app
 
 
-@pytest.mark.docker
 def test_every_command_in_the_c_locale(app_with_cjk_command, tmp_path):
     app = app_with_cjk_command
     state = str(tmp_path / "state")
@@ -157,7 +156,6 @@ def _answers_right(service, app, drained):
     return body["code"] == (17 if drained else 0) and (app in apps_body["message"]["unhealthy"]) == drained
 
 
-@pytest.mark.docker
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_no_drain_file_breaks_an_answer(drained_service, data):
@@ -171,7 +169,6 @@ def test_no_drain_file_breaks_an_answer(drained_service, data):
     assert service.proc.poll() is None
 
 
-@pytest.mark.docker
 def test_a_huge_and_hostile_drain_file_is_read_where_it_can_be(drained_service):
     service, app, path = drained_service
     hostile = {"version": 1, "drains": {

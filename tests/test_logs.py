@@ -18,3 +18,14 @@ def test_any_text_is_written_to_the_log_file(tmp_path):
     assert len(lines) == 2
     assert parse_logfmt(lines[0])["msg"] == "reason \\udce5\\udc86 内核 from \x00\n"
     assert "unformattable" in parse_logfmt(lines[1])["msg"]
+
+
+def test_log_lines_are_logfmt_one_event_per_line():
+    record = logging.LogRecord("healthcheck.snapshot", logging.ERROR, __file__, 1,
+                               'docker said "%s"', ("no\nsuch = thing",), None)
+    line = logs.LogfmtFormatter().format(record)
+    assert "\n" not in line
+    fields = parse_logfmt(line)
+    assert fields["level"] == "error" and fields["msg"] == 'docker said "no\nsuch = thing"'
+    assert fields["logger"] == "healthcheck.snapshot"
+    assert fields["time"][10] == "T" and fields["time"][-3] == ":"  # RFC 3339 with the offset

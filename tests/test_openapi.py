@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 from openapi_spec_validator import validate
 
 from healthcheck.web import load_openapi, make_app
@@ -44,7 +43,6 @@ def test_envelope_codes_are_documented():
                      errors.CODE_NO_ROUTE, errors.CODE_FORBIDDEN, errors.CODE_INTERNAL}
 
 
-@pytest.mark.docker
 def test_schemathesis_against_the_live_service(docker_engine, docker, tmp_path):
     running, exited, paused = unique_app("st"), unique_app("st"), unique_app("st")
     docker.run(name_for(running), "--health-cmd", "true", "--health-interval", "1s")

@@ -1,58 +1,32 @@
 """The probe against real loopback servers: statuses, refusals, hangs, resets, huge bodies."""
 import socket
 import struct
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from healthcheck.probe import probe_app
-from support import free_port
-
-
-def serve(status, body=b"ok", headers=()):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.server.paths.append(self.path)
-            self.send_response(status)
-            for key, value in headers:
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except OSError:
-                pass
-
-        def log_message(self, *args):
-            pass
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    server.paths = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+from support import LoopbackServer, StatusServer, free_port
 
 
 @pytest.mark.parametrize("status,ok", [(200, True), (302, True), (404, True), (500, True),
                                        (502, False), (503, False), (504, False)])
 def test_status_decides(status, ok):
-    server = serve(status, headers=[("Location", "http://127.0.0.1:1/elsewhere")])
+    server = StatusServer(status, headers=[("Location", "http://127.0.0.1:1/elsewhere")])
     try:
-        result = probe_app("bk_iam", server.server_address[1], 2.0)
+        result = probe_app("bk_iam", server.port, 2.0)
         assert result.ok is ok and result.status == status
         assert server.paths == ["/o/bk_iam/"]  # no redirect followed
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_bad_statuses_are_configurable():
-    server = serve(404)
+    server = StatusServer(404)
     try:
-        assert not probe_app("a", server.server_address[1], 2.0, bad_statuses=(404,)).ok
+        assert not probe_app("a", server.port, 2.0, bad_statuses=(404,)).ok
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_refused():
@@ -61,27 +35,10 @@ def test_refused():
     assert "refused" in result.describe()
 
 
-def _raw_server(behaviour):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-    state = {"stop": False}
-
-    def loop():
-        while not state["stop"]:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=behaviour, args=(conn,), daemon=True).start()
-    threading.Thread(target=loop, daemon=True).start()
-    return listener
-
-
 def test_hang_is_bounded_by_the_timeout():
-    listener = _raw_server(lambda conn: time.sleep(10))
+    listener = LoopbackServer(handle=lambda conn: time.sleep(10))
     started = time.monotonic()
-    result = probe_app("a", listener.getsockname()[1], 0.5)
+    result = probe_app("a", listener.port, 0.5)
     assert time.monotonic() - started < 1.5
     assert not result.ok and "timed out" in result.error and result.failure == "timeout"
     listener.close()
@@ -95,9 +52,9 @@ def test_slow_drip_is_bounded_by_the_timeout():
                 time.sleep(0.2)
         except OSError:
             pass  # the probe gave up and closed: what this test wants
-    listener = _raw_server(drip)
+    listener = LoopbackServer(handle=drip)
     started = time.monotonic()
-    result = probe_app("a", listener.getsockname()[1], 0.5)
+    result = probe_app("a", listener.port, 0.5)
     assert time.monotonic() - started < 1.5 and not result.ok
     listener.close()
 
@@ -107,28 +64,27 @@ def test_reset_is_not_ok():
         conn.recv(100)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()
-    listener = _raw_server(reset)
-    result = probe_app("a", listener.getsockname()[1], 2.0)
+    listener = LoopbackServer(handle=reset)
+    result = probe_app("a", listener.port, 2.0)
     assert not result.ok and result.error and result.failure in ("reset", "bad_answer")
     listener.close()
 
 
 def test_garbage_answer_is_not_ok():
-    listener = _raw_server(lambda conn: (conn.recv(100), conn.sendall(b"SSH-2.0-OpenSSH\r\n"), conn.close()))
-    result = probe_app("a", listener.getsockname()[1], 2.0)
+    listener = LoopbackServer(handle=lambda conn: (conn.recv(100), conn.sendall(b"SSH-2.0-OpenSSH\r\n"), conn.close()))
+    result = probe_app("a", listener.port, 2.0)
     assert not result.ok and "not an HTTP answer" in result.error and result.failure == "bad_answer"
     listener.close()
 
 
 def test_huge_body_is_not_read():
-    server = serve(200, body=b"x" * (10 * 1024 * 1024))
+    server = StatusServer(200, body=b"x" * (10 * 1024 * 1024))
     try:
         started = time.monotonic()
-        result = probe_app("a", server.server_address[1], 2.0)
+        result = probe_app("a", server.port, 2.0)
         assert result.ok and time.monotonic() - started < 1.0
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
 
 
 def test_metrics_count_probes_by_their_kind_not_their_words():

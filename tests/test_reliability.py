@@ -45,7 +45,6 @@ def _run_load(svc, path, clients=8):
     return stop, results, threads
 
 
-@pytest.mark.docker
 def test_dockerd_stopped_under_load_then_started(docker_engine, tmp_path):
     """503 code 10 within --max-stale of the daemon stopping, never a hang; recovery after."""
     host = subprocess.run([os.path.join(ROOT, "scripts", "dockerd-up"), "fault"], stdout=subprocess.PIPE,
@@ -122,7 +121,6 @@ def test_docker_faults_give_clear_envelopes_and_service_keeps_serving(mode, code
         assert svc.get("/health")[0] == 200
 
 
-@pytest.mark.docker
 def test_sigterm_under_load_finishes_requests_and_exits_zero(docker_engine, docker):
     app = unique_app()
     docker.run(name_for(app))
@@ -147,7 +145,6 @@ def test_sigterm_under_load_finishes_requests_and_exits_zero(docker_engine, dock
     assert answered and all(r[2] == 200 and r[3].endswith(b"}") for r in answered)
 
 
-@pytest.mark.docker
 def test_sighup_reopens_logs_without_dropping_requests(docker_engine, docker, tmp_path):
     app = unique_app()
     docker.run(name_for(app))
@@ -298,7 +295,6 @@ def test_bind_all_warns_without_allow(tmp_path):
     assert "without --allow" not in log2.read_text()
 
 
-@pytest.mark.docker
 def test_answers_reveal_only_documented_fields(docker_engine, docker, tmp_path):
     app = unique_app()
     docker.run(name_for(app), "--label", "secret=hunter2", "--env", "PASSWORD=hunter2")

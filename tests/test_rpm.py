@@ -119,7 +119,6 @@ def _install(tmp_path, rpm, upgrade=False):
     return root
 
 
-@pytest.mark.docker
 def test_installed_launcher_serves_against_real_docker(rpms, tmp_path, docker):
     root = _install(tmp_path, rpms["current"])
     app = unique_app()
@@ -154,7 +153,6 @@ def _pythons_36_and_current():
     return found
 
 
-@pytest.mark.docker
 def test_launcher_in_the_c_locale_with_no_lang(rpms, tmp_path, docker):
     """As cron or `env -i` runs it on CentOS 7: no LANG at all, so 3.6 has ASCII stdio and
     surrogate-escaped argv; CJK and accents in a container's command and a drain reason."""
