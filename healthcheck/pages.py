@@ -6,7 +6,7 @@ import time
 
 from healthcheck import text
 
-# The same look as the entry Nginx's matrix (scripts/nginx/container_healthcheck.lua).
+# The same look as the entry Nginx's matrix (scripts/nginx/container_healthcheck/status.lua).
 STYLE = (
     "body{font:13px/1.4 system-ui,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}"
     "header{padding:10px 16px;background:#1d2330;color:#fff;display:flex;gap:16px;align-items:center;flex-wrap:wrap}"

@@ -21,8 +21,9 @@ from support import wait_for
 EVENTS = int(os.environ.get("BENCH_EVENTS", "20"))
 # Events here are 10 to 20 s apart: with the default 60 s memory each would count as the same
 # peer failing again and be held longer each time (1, 2, 4 ... 30 s), which is right for a
-# flapping peer but is not what one incident costs. 5 s makes every event a first one.
-test_e2e_balancer.LOSS_EXTRA_INIT = "eject_memory = 5,"
+# flapping peer but is not what one incident costs. The tests' entries forget an ejection
+# after EJECT_MEMORY seconds, which makes every event a first one.
+assert test_e2e_balancer.EJECT_MEMORY < 5
 
 
 def _requests_to(access_log, addr, since_wall):

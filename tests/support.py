@@ -286,7 +286,7 @@ class LuaNginx(object):
     """A one-worker nginx with lua-nginx-module and this project's Lua on its package path,
     serving `http_body` (what goes inside http { }, {port} standing for its loopback port)."""
 
-    def __init__(self, workdir, http_body, dict_size="1m"):
+    def __init__(self, workdir, http_body, dict_size="1m", start=True):
         import shutil
         if not shutil.which("nginx") or not os.path.exists(os.path.join(NGINX_MODULES, "ngx_http_lua_module.so")):
             if os.environ.get("CI"):
@@ -297,7 +297,7 @@ class LuaNginx(object):
         for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
             os.makedirs(os.path.join(workdir, sub), exist_ok=True)
         self.error_log = os.path.join(workdir, "error.log")
-        conf = os.path.join(workdir, "nginx.conf")
+        self.conf = conf = os.path.join(workdir, "nginx.conf")
         with open(conf, "w") as handle:
             handle.write("""load_module %(mods)s/ndk_http_module.so;
 load_module %(mods)s/ngx_http_lua_module.so;
@@ -310,12 +310,18 @@ error_log %(log)s warn;
 events { worker_connections 256; }
 http {
     access_log off;
-    lua_package_path "%(lua)s/?.lua;/usr/share/lua/5.1/?.lua;;";
+    lua_package_path "%(lua)s/?.lua;%(lua)s/?/init.lua;/usr/share/lua/5.1/?.lua;;";
     lua_shared_dict container_healthcheck %(size)s;
 %(body)s
 }
 """ % {"mods": NGINX_MODULES, "dir": workdir, "log": self.error_log, "lua": LUA_DIR, "size": dict_size,
                "body": http_body.replace("{port}", str(self.port))})
+        self.proc = None
+        if start:
+            self.start()
+
+    def start(self):
+        workdir, conf = self.workdir, self.conf
         self.proc = subprocess.Popen(["nginx", "-p", workdir + "/", "-c", conf], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         pid_file = os.path.join(workdir, "nginx.pid")

@@ -214,11 +214,12 @@ def cluster(docker_engine, tmp_path_factory):
         handle.write("""
 http {
     access_log off;
-    lua_package_path "%(lua)s/?.lua;/usr/share/lua/5.1/?.lua;;";
+    lua_package_path "%(lua)s/?.lua;%(lua)s/?/init.lua;/usr/share/lua/5.1/?.lua;;";
     lua_shared_dict container_healthcheck 1m;
     init_by_lua_block {
         require("container_healthcheck").init({ appos = { "%(a)s", "%(b)s" },
-            interval = %(interval)d, timeout = 0.5, fall = %(fall)d, rise = %(rise)d })
+            interval = %(interval)d, timeout = 0.5, fall = %(fall)d, rise = %(rise)d,
+            eject_memory = %(eject_memory)d })
     }
     init_worker_by_lua_block { require("container_healthcheck").init_worker() }
     upstream appo_by_health {
@@ -240,7 +241,7 @@ http {
     }
 }
 """ % {"lua": LUA_DIR, "a": appos[0].addr, "b": appos[1].addr, "port": entry_port,
-       "interval": INTERVAL, "fall": FALL, "rise": RISE})
+       "interval": INTERVAL, "fall": FALL, "rise": RISE, "eject_memory": EJECT_MEMORY})
     entry = _run_nginx(conf)
     state = {"appos": appos, "entry_port": entry_port, "workdir": workdir}
     traffic = Traffic(entry_port)
@@ -274,8 +275,9 @@ def healthy(cluster):
             os.unlink(os.path.join(appo.state_dir, "drain.json"))
         if appo.service is None:
             appo.start_service()
-    assert wait_for(lambda: served_by(observe(cluster["traffic"], 60)) == {"appo2", "appo3"}, 40), \
-        "the cluster did not come back to both APPOs serving"
+    port, addrs = cluster["entry_port"], [appo.addr for appo in cluster["appos"]]
+    assert wait_for(lambda: all(usable_at(port, APP, addr) for addr in addrs), 40), \
+        "the cluster did not come back to both APPOs serving: %s" % entry_status(port)
     return cluster
 
 
@@ -536,7 +538,11 @@ location / {
 
 
 SHIPPED_TIMING = "wait = 1, grace = 0.5, interval = 2, timeout = 1, fall = 2, rise = 2,"
-TEST_TIMING = "wait = 1, grace = 0.5, interval = %d, timeout = 0.5, fall = %d, rise = %d," % (INTERVAL, FALL, RISE)
+# EJECT_MEMORY: a test's ejections are forgotten before the next test, so that no test's
+# hold depends on which tests ran before it (the backoff itself: tests/lua/test_units.lua).
+EJECT_MEMORY = 2
+TEST_TIMING = "wait = 1, grace = 0.5, interval = %d, timeout = 0.5, fall = %d, rise = %d, eject_memory = %d," % (
+    INTERVAL, FALL, RISE, EJECT_MEMORY)
 
 
 BK5_PAAS_CONF = """
@@ -556,7 +562,7 @@ def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", 
     folder added to the existing lua_package_path, entry-http.conf included in http { }, and
     BlueKing's /t/ and /o/ locations replaced by entry-paas.conf. The snippets are used as
     shipped but for the test's faster timing and extra_init (e.g. 5.x's shared_upstream)."""
-    nginx_conf = nginx_conf.replace('lua_package_path "', 'lua_package_path "%s/?.lua;' % LUA_DIR, 1)
+    nginx_conf = nginx_conf.replace('lua_package_path "', 'lua_package_path "%s/?.lua;%s/?/init.lua;' % (LUA_DIR, LUA_DIR), 1)
     http = open(os.path.join(snippets, "entry-http.conf")).read()
     assert SHIPPED_TIMING in http
     http = http.replace(SHIPPED_TIMING, TEST_TIMING + " " + extra_init, 1)

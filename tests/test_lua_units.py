@@ -2,6 +2,7 @@
 feed parsing against the Python service's own rendering, rise/fall, ejection and its backoff,
 usability, applying answers. Seconds, no APPO, no docker."""
 import os
+import subprocess
 import urllib.request
 
 import pytest
@@ -34,4 +35,21 @@ def test_lua_units(nginx):
     lines = opener.open(url + "?feed=" + feed, timeout=10).read().decode("utf-8").splitlines()
     failed = [line for line in lines if not line.startswith("ok ")]
     assert failed == [], "\n".join(failed)
-    assert len(lines) == 9, lines
+    assert len(lines) == 11, lines
+
+
+@pytest.mark.parametrize("options,words", [
+    ("{ intervall = 2 }", "unknown option `intervall`"),
+    ('{ interval = "2" }', "option `interval` must be a number, not string"),
+    ("{ eject_hold = -1 }", "option `eject_hold` must be > 0"),
+])
+def test_a_wrong_option_keeps_nginx_from_starting_in_words(tmp_path, options, words):
+    """What an operator sees after a typo in init({...}): nginx does not start (a reload keeps
+    the running configuration), and says why. `nginx -t` does not run init_by_lua."""
+    server = LuaNginx(str(tmp_path), """
+    init_by_lua_block { require("container_healthcheck").init(%s) }
+    server { listen 127.0.0.1:{port}; }""" % options, start=False)
+    done = subprocess.run(["nginx", "-p", str(tmp_path) + "/", "-c", server.conf], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=30)
+    assert done.returncode != 0, done.stdout
+    assert "init_by_lua error: container_healthcheck.init: " + words in done.stdout, done.stdout

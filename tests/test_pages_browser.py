@@ -96,7 +96,7 @@ def test_matrix_of_500_apps_by_50_appos_renders_under_2_s(matrix_nginx):
 
 def test_csp_hashes_in_the_lua_page_match_its_style_and_script():
     from healthcheck import pages
-    lua = open(os.path.join(LUA_DIR, "container_healthcheck.lua")).read()
+    lua = open(os.path.join(LUA_DIR, "container_healthcheck", "status.lua")).read()
     assert "local PAGE_STYLE = [[" + pages.STYLE + "]]" in lua
     assert "local PAGE_SCRIPT = [[" + pages.SCRIPT + "]]" in lua
     assert 'local PAGE_CSP = "' + pages.CSP + '"' in lua

@@ -369,7 +369,7 @@ def test_the_csp_allows_exactly_the_style_and_script_each_page_carries(harness):
     status, head, body = harness().call("/")
     assert status == 200 and len(digests(body.decode("utf-8"))) == 2
     assert all(d in head["Content-Security-Policy"] for d in digests(body.decode("utf-8")))
-    lua = open(os.path.join(ROOT, "scripts", "nginx", "container_healthcheck.lua"), encoding="utf-8").read()
+    lua = open(os.path.join(ROOT, "scripts", "nginx", "container_healthcheck", "status.lua"), encoding="utf-8").read()
     style = re.search(r"local PAGE_STYLE = \[\[(.*?)\]\]", lua, re.S).group(1)
     script = re.search(r"local PAGE_SCRIPT = \[\[(.*?)\]\]", lua, re.S).group(1)
     csp = re.search(r'local PAGE_CSP = "([^"]*)"', lua).group(1)

@@ -3,7 +3,8 @@
 -- "not ok <name>: <traceback>". ?feed=<path>: a feed answer rendered by the Python service.
 local chc = require "container_healthcheck"
 local u = chc._units
-local dict = ngx.shared[u.conf.dict]
+local conf, state, feed, poller = u.config.conf, u.state, u.feed, u.poller
+local dict = ngx.shared[conf.dict]
 local out = {}
 
 local function test(name, fn)
@@ -18,8 +19,17 @@ local function eq(got, want, what)
     end
 end
 
-local function state(app, addr)
-    return dict:get("s:" .. app .. "|" .. addr)
+-- The health record of app on addr, in plain fields (nil: none).
+local function health(app, addr)
+    return state.decode_health(dict:get(state.health_key(app, addr)))
+end
+
+local function ejection(app, addr)
+    return state.decode_ejection(dict:get(state.ejection_key(app, addr)))
+end
+
+local function raw(app, addr)
+    return dict:get(state.health_key(app, addr))
 end
 
 local A = "127.0.0.2:8010"
@@ -28,136 +38,141 @@ test("the service's own feed answer parses (format 1)", function()
     local handle = assert(io.open(ngx.var.arg_feed, "rb"))
     local body = handle:read("*a")
     handle:close()
-    local answer = assert(u.parse_feed(body))
+    local answer = assert(feed.parse(body))
     eq(answer.index, 42, "index")
     eq(answer.held, true, "held")
-    local healthy, age = u.feed_line(answer, "bk_iam")
+    local healthy, age = feed.line(answer, "bk_iam")
     eq(healthy, true, "bk_iam healthy")
     eq(age, 0.4, "bk_iam age")
-    healthy, age = u.feed_line(answer, "demo")
+    healthy, age = feed.line(answer, "demo")
     eq(healthy, false, "demo healthy")
     eq(age, 0, "no probe: age 0")
-    eq(u.feed_line(answer, "bk"), false, "bk's own line, not bk_iam's")
-    eq(u.feed_line(answer, "bk_i"), nil, "a prefix of an app is not that app")
-    eq(u.feed_line(answer, "nope"), nil, "an absent app")
+    eq(feed.line(answer, "bk"), false, "bk's own line, not bk_iam's")
+    eq(feed.line(answer, "bk_i"), nil, "a prefix of an app is not that app")
+    eq(feed.line(answer, "nope"), nil, "an absent app")
 end)
 
 test("unknown lines are ignored, a cut or foreign answer refused", function()
     local body = "container-healthcheck-feed 2\nindex 7\nheld 0\nzone east\napps 1\na 1 0.5 \nend\n"
-    local answer = assert(u.parse_feed(body))
+    local answer = assert(feed.parse(body))
     eq(answer.index, 7)
     eq(answer.held, false)
-    eq(u.feed_line(answer, "a"), true)
-    eq(u.parse_feed(body:sub(1, -6)), nil, "cut short")
-    eq(u.parse_feed('{"code":0}'), nil, "JSON")
-    eq(u.parse_feed("container-healthcheck-feed 1\nheld 0\napps 0\nend\n"), nil, "no index")
+    eq(feed.line(answer, "a"), true)
+    eq(feed.parse(body:sub(1, -6)), nil, "cut short")
+    eq(feed.parse('{"code":0}'), nil, "JSON")
+    eq(feed.parse("container-healthcheck-feed 1\nheld 0\napps 0\nend\n"), nil, "no index")
 end)
 
 test("rise and fall: first sight believed, the service's verdict out at once, back after rise", function()
-    eq(u.observe(dict, "a", A, true, 100, nil, 1), false)
-    eq(state("a", A):sub(1, 1), "1", "first sight")
-    u.observe(dict, "a", A, false, 101, state("a", A), 1)
-    eq(state("a", A):sub(1, 1), "0", "fall 1: out at once")
-    eq(u.observe(dict, "a", A, true, 102, state("a", A), 1), true, "rising")
-    eq(state("a", A):sub(1, 1), "0", "one answer is not rise 2")
-    u.observe(dict, "a", A, false, 103, state("a", A), 1)
-    eq(state("a", A), "0|0|101", "a failure mid-rise starts over")
-    u.observe(dict, "a", A, true, 104, state("a", A), 1)
-    eq(u.observe(dict, "a", A, true, 105, state("a", A), 1), false)
-    eq(state("a", A), "1|0|105", "rise 2: back in")
-    u.observe(dict, "a", A, false, 106, state("a", A), 2)
-    eq(state("a", A):sub(1, 1), "1", "fall 2 (/apps polls): one failure is not enough")
+    eq(state.observe(dict, "a", A, true, 100, nil, 1), false)
+    eq(health("a", A).healthy, true, "first sight")
+    state.observe(dict, "a", A, false, 101, raw("a", A), 1)
+    eq(health("a", A).healthy, false, "fall 1: out at once")
+    eq(state.observe(dict, "a", A, true, 102, raw("a", A), 1), true, "rising")
+    eq(health("a", A).healthy, false, "one answer is not rise 2")
+    state.observe(dict, "a", A, false, 103, raw("a", A), 1)
+    local h = health("a", A)
+    eq(h.healthy == false and h.streak == 0 and h.since == 101, true, "a failure mid-rise starts over")
+    state.observe(dict, "a", A, true, 104, raw("a", A), 1)
+    eq(state.observe(dict, "a", A, true, 105, raw("a", A), 1), false)
+    h = health("a", A)
+    eq(h.healthy == true and h.streak == 0 and h.since == 105, true, "rise 2: back in")
+    state.observe(dict, "a", A, false, 106, raw("a", A), 2)
+    eq(health("a", A).healthy, true, "fall 2 (/apps polls): one failure is not enough")
 end)
 
 test("an ejection holds until a health answer newer than the failure, and the hold", function()
-    u.observe(dict, "a", A, true, 100, nil, 1)
-    u.eject(dict, "a", A, "answered 502")
-    local at, hold_until, count, cleared, cause = u.parse_ejection(dict:get("e:a|" .. A))
-    eq(count, 1)
-    eq(cleared, false)
-    eq(cause, "answered 502")
-    eq(hold_until - at, u.conf.eject_hold, "first hold")
-    eq(u.usable(dict, "a", A, at), false, "ejected: not usable")
-    u.eject(dict, "a", A, "answered 504")
-    eq(select(3, u.parse_ejection(dict:get("e:a|" .. A))), 1, "ejecting what is out changes nothing")
+    state.observe(dict, "a", A, true, 100, nil, 1)
+    state.eject(dict, "a", A, "answered 502")
+    local e = ejection("a", A)
+    local at, hold_until = e.at, e.hold_until
+    eq(e.count, 1)
+    eq(e.cleared, false)
+    eq(e.cause, "answered 502")
+    eq(hold_until - at, conf.eject_hold, "first hold")
+    eq(state.usable(dict, "a", A, at), false, "ejected: not usable")
+    state.eject(dict, "a", A, "answered 504")
+    eq(ejection("a", A).count, 1, "ejecting what is out changes nothing")
     local now = hold_until + 0.1
-    eq(u.consider_clear(dict, "a", A, false, 0, now), false, "unhealthy answer")
-    eq(u.consider_clear(dict, "a", A, true, now - at + 0.5, now), false, "healthy, but from a probe before the failure")
-    eq(u.consider_clear(dict, "a", A, true, 0.2, at + 0.5), false, "fresh, but within the hold")
-    eq(u.consider_clear(dict, "a", A, true, 0.05, now), true, "fresh and past the hold")
-    eq(select(4, u.parse_ejection(dict:get("e:a|" .. A))), true, "cleared")
+    eq(state.consider_clear(dict, "a", A, false, 0, now), false, "unhealthy answer")
+    eq(state.consider_clear(dict, "a", A, true, now - at + 0.5, now), false, "healthy, but from a probe before the failure")
+    eq(state.consider_clear(dict, "a", A, true, 0.2, at + 0.5), false, "fresh, but within the hold")
+    eq(state.consider_clear(dict, "a", A, true, 0.05, now), true, "fresh and past the hold")
+    eq(ejection("a", A).cleared, true, "cleared")
 end)
 
 test("a peer that keeps failing is held longer each time, up to the cap", function()
     local holds = {}
     for i = 1, 7 do
-        u.eject(dict, "a", A, "failed")
-        local at, hold_until, count = u.parse_ejection(dict:get("e:a|" .. A))
-        holds[i] = hold_until - at
-        eq(count, i, "count")
-        u.consider_clear(dict, "a", A, true, 0, hold_until + 1)  -- cleared, then fails again
+        state.eject(dict, "a", A, "failed")
+        local e = ejection("a", A)
+        holds[i] = e.hold_until - e.at
+        eq(e.count, i, "count")
+        state.consider_clear(dict, "a", A, true, 0, e.hold_until + 1)  -- cleared, then fails again
     end
     eq(holds[2], 2 * holds[1])
     eq(holds[3], 4 * holds[1])
-    eq(holds[7], u.conf.eject_hold_max, "capped")
+    eq(holds[7], conf.eject_hold_max, "capped")
     -- a peer quiet for eject_memory starts over
-    local value = dict:get("e:a|" .. A)
-    dict:set("e:a|" .. A, (value:gsub("^[%d.]+", tostring(ngx.now() - u.conf.eject_memory - 1))))
-    u.eject(dict, "a", A, "failed")
-    eq(select(3, u.parse_ejection(dict:get("e:a|" .. A))), 1, "starts over")
+    local last = ejection("a", A)
+    last.at = ngx.now() - conf.eject_memory - 1
+    dict:set(state.ejection_key("a", A), state.encode_ejection(last))
+    state.eject(dict, "a", A, "failed")
+    eq(ejection("a", A).count, 1, "starts over")
 end)
 
 test("usable: fresh data, healthy, not ejected", function()
     local now = ngx.now()
-    u.observe(dict, "a", A, true, now, nil, 1)
-    eq(u.usable(dict, "a", A, now), false, "never answered: not fresh")
+    state.observe(dict, "a", A, true, now, nil, 1)
+    eq(state.usable(dict, "a", A, now), false, "never answered: not fresh")
     dict:set("fresh:" .. A, now + 1)
-    eq(u.usable(dict, "a", A, now), true)
-    eq(u.usable(dict, "a", A, now + 2), false, "stale")
-    eq(u.usable(dict, "b", A, now), false, "unknown app")
+    eq(state.usable(dict, "a", A, now), true)
+    eq(state.usable(dict, "a", A, now + 2), false, "stale")
+    eq(state.usable(dict, "b", A, now), false, "unknown app")
 end)
 
 test("a feed answer applied: states written, an app gone from the list is out, a heartbeat clears", function()
-    local st = { index = nil, listed = {}, rising = {}, ejected = {}, full_at = ngx.now() }
+    local st = poller.new_channel_state()
+    st.full_at = ngx.now()
     dict:set("r:gone", 1)
-    local first = assert(u.parse_feed("container-healthcheck-feed 1\nindex 5\nheld 0\napps 3\n" ..
+    local first = assert(feed.parse("container-healthcheck-feed 1\nindex 5\nheld 0\napps 3\n" ..
         "a 1 0.1\nb 0 - exited\ngone 1 0.3\nend\n"))
     local now = ngx.now()
-    u.apply_feed(dict, A, st, first, now)
-    eq(state("a", A):sub(1, 1), "1")
-    eq(state("gone", A):sub(1, 1), "1")
-    eq(state("b", A), nil, "unhealthy, unknown and not asked for: no state")
-    eq(dict:get("w:b|" .. A), "exited", "its reason is kept for the matrix")
-    u.eject(dict, "a", A, "answered 502")
-    local at, hold_until = u.parse_ejection(dict:get("e:a|" .. A))
-    local second = assert(u.parse_feed("container-healthcheck-feed 1\nindex 6\nheld 1\napps 1\na 1 0.1\nend\n"))
-    u.apply_feed(dict, A, st, second, hold_until + 0.5)
-    eq(state("gone", A):sub(1, 1), "0", "gone from the APPO's list: out")
-    eq(dict:get("w:gone|" .. A), "not on this APPO")
+    poller.apply_feed(dict, A, st, first, now)
+    eq(health("a", A).healthy, true)
+    eq(health("gone", A).healthy, true)
+    eq(health("b", A), nil, "unhealthy, unknown and not asked for: no state")
+    eq(dict:get(state.reason_key("b", A)), "exited", "its reason is kept for the matrix")
+    state.eject(dict, "a", A, "answered 502")
+    local e = ejection("a", A)
+    local second = assert(feed.parse("container-healthcheck-feed 1\nindex 6\nheld 1\napps 1\na 1 0.1\nend\n"))
+    poller.apply_feed(dict, A, st, second, e.hold_until + 0.5)
+    eq(health("gone", A).healthy, false, "gone from the APPO's list: out")
+    eq(dict:get(state.reason_key("gone", A)), "not on this APPO")
     eq(st.ejected.a, nil, "a fresh healthy line past the hold cleared the ejection")
-    eq(select(4, u.parse_ejection(dict:get("e:a|" .. A))), true)
-    u.eject(dict, "a", A, "answered 502")
-    at, hold_until = u.parse_ejection(dict:get("e:a|" .. A))
-    local heartbeat = assert(u.parse_feed("container-healthcheck-feed 1\nindex 6\nheld 1\napps 1\na 1 9.0\nend\n"))
-    u.apply_feed(dict, A, st, heartbeat, hold_until + 0.5)
+    eq(ejection("a", A).cleared, true)
+    state.eject(dict, "a", A, "answered 502")
+    e = ejection("a", A)
+    local heartbeat = assert(feed.parse("container-healthcheck-feed 1\nindex 6\nheld 1\napps 1\na 1 9.0\nend\n"))
+    poller.apply_feed(dict, A, st, heartbeat, e.hold_until + 0.5)
     eq(st.ejected.a, true, "a heartbeat whose probe predates the failure does not clear it")
 end)
 
 test("/apps answers of services without the feed: healthy list and reasons", function()
-    local set, reasons = u.healthy_apps('{"code":0,"status":"ok","message":{"snapshot_age_s":0.1,' ..
+    local set, reasons = feed.healthy_apps('{"code":0,"status":"ok","message":{"snapshot_age_s":0.1,' ..
         '"healthy":["a","b.c"],"unhealthy":{"d":"probe 502"},"apps":{}}}')
     eq(set.a and set["b.c"], true)
     eq(reasons.d, "probe 502")
-    eq(u.healthy_apps('{"code":11}'), nil)
+    eq(feed.healthy_apps('{"code":11}'), nil)
 end)
 
 test("round-robin turns are per route: /o/ and /t/ requests interleaved each reach both peers", function()
     local B = "127.0.0.3:8010"
-    u.conf.apps.rr_app = { A, B }
+    conf.apps.rr_app = { A, B }
     local now = ngx.now()
     for _, addr in ipairs({ A, B }) do
         dict:set("fresh:" .. addr, now + 60)
-        dict:set("s:rr_app|" .. addr, "1|0|" .. now)
+        dict:set(state.health_key("rr_app", addr), state.encode_health({ healthy = true, streak = 0, since = now }))
     end
     local seen = { o = {}, t = {} }
     for _ = 1, 4 do
@@ -169,7 +184,36 @@ test("round-robin turns are per route: /o/ and /t/ requests interleaved each rea
     end
     eq(seen.o[A] and seen.o[B], true, "/o/ reached both")
     eq(seen.t[A] and seen.t[B], true, "/t/ reached both")
-    u.conf.apps.rr_app = nil
+    conf.apps.rr_app = nil
+end)
+
+test("init refuses unknown options, wrong types and numbers not above 0, in words", function()
+    local cases = {
+        { { intervall = 2 }, "unknown option `intervall`" },
+        { { interval = "2" }, "option `interval` must be a number, not string" },
+        { { fall = 0 }, "option `fall` must be > 0" },
+        { { appos = "10.0.0.2:8010" }, "option `appos` must be a table, not string" },
+        { { dict = "nope" }, "lua_shared_dict nope is not declared" },
+    }
+    for _, case in ipairs(cases) do
+        local ok, err = pcall(chc.init, case[1])
+        eq(ok, false, case[2])
+        eq(err, "container_healthcheck.init: " .. case[2])
+    end
+    eq(conf.dict, "container_healthcheck", "a refused call changes nothing")
+    eq(conf.interval, 1, "a refused call changes nothing")
+end)
+
+test("health and ejection records: plain fields in, the same fields out", function()
+    local h = { healthy = false, streak = 1, since = 1700000000.25 }
+    local back = state.decode_health(state.encode_health(h))
+    eq(back.healthy == h.healthy and back.streak == h.streak and back.since == h.since, true)
+    local e = { at = 10.5, hold_until = 12.5, count = 2, cleared = true, cause = "answered 502" }
+    local again = state.decode_ejection(state.encode_ejection(e))
+    eq(again.at == e.at and again.hold_until == e.hold_until and again.count == 2 and again.cleared, true)
+    eq(again.cause, e.cause)
+    eq(state.decode_health("garbage"), nil)
+    eq(state.decode_ejection("1|2|x"), nil)
 end)
 
 ngx.header["Content-Type"] = "text/plain"
