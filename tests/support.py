@@ -186,13 +186,25 @@ def parse_logfmt(line):
 
 
 class FakeClock(object):
-    """A clock a test moves by hand, for modules that take clock=."""
+    """A clock a test moves by hand, for modules that take clock=. It counts the reads of the
+    threads under test, so that a test can wait until they have looked at the time it set,
+    instead of sleeping and hoping they did."""
 
     def __init__(self, now=1000.0):
         self.now = now
+        self.worker_reads = 0
+        self._test_thread = threading.get_ident()
 
     def __call__(self):
+        if threading.get_ident() != self._test_thread:
+            self.worker_reads += 1
         return self.now
+
+    def seen_by_workers(self, reads=3, timeout_s=5.0):
+        """Wait until the threads under test have read the clock `reads` more times: they have
+        seen the time as it is now, and done what was due then (or nothing)."""
+        target = self.worker_reads + reads
+        return until(lambda: self.worker_reads >= target, timeout_s)
 
 
 def until(condition, timeout_s=5.0):
