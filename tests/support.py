@@ -294,6 +294,38 @@ NGINX_MODULES = "/usr/lib/nginx/modules"
 LUA_DIR = os.path.join(ROOT, "scripts", "nginx")
 
 
+def start_nginx(conf, env=None, hosts=None):
+    """The one way tests start nginx: the master in the foreground with the conf's folder as
+    prefix, up once it wrote its pid file (after binding its sockets). env: added to the
+    environment; hosts: a file bind-mounted on /etc/hosts in a mount namespace of its own
+    (a server name resolving to several loopback addresses). A refusal fails the test with
+    what nginx said (stderr, and the error log the conf names)."""
+    prefix = os.path.dirname(conf)
+    for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
+        os.makedirs(os.path.join(prefix, sub), exist_ok=True)
+    argv = ["nginx", "-p", prefix + "/", "-c", conf]
+    if hosts is not None:
+        argv = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts] + argv
+    text = open(conf).read()
+    pid_file = re.search(r"^\s*pid (\S+);", text, re.M).group(1)
+    error_log = re.search(r"^\s*error_log (\S+)", text, re.M).group(1)
+    stderr_path = os.path.join(prefix, "nginx-stderr.log")
+    with open(stderr_path, "ab") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=dict(os.environ, **(env or {})))
+    assert wait_for(lambda: proc.poll() is not None or os.path.exists(pid_file), 10), "nginx did not start"
+    if proc.poll() is not None:
+        said = open(stderr_path, errors="replace").read()
+        logged = open(error_log, errors="replace").read() if os.path.exists(error_log) else ""
+        raise AssertionError("nginx refused %s:\n%s\n%s" % (conf, said[-3000:], logged[-3000:]))
+    return proc
+
+
+def stop_nginx(proc):
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)
+
+
 class LuaNginx(object):
     """A one-worker nginx with lua-nginx-module and this project's Lua on its package path,
     serving `http_body` (what goes inside http { }, {port} standing for its loopback port)."""
@@ -333,16 +365,10 @@ http {
             self.start()
 
     def start(self):
-        workdir, conf = self.workdir, self.conf
-        self.proc = subprocess.Popen(["nginx", "-p", workdir + "/", "-c", conf], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        pid_file = os.path.join(workdir, "nginx.pid")
-        assert wait_for(lambda: self.proc.poll() is not None or os.path.exists(pid_file), 10)
-        assert self.proc.poll() is None, open(self.error_log).read()
+        self.proc = start_nginx(self.conf)
 
     def stop(self):
         """Stop it; and no Lua error may have been logged meanwhile."""
-        self.proc.terminate()
-        self.proc.wait(10)
+        stop_nginx(self.proc)
         text = open(self.error_log).read()
         assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]

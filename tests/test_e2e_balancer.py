@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from support import IMAGE, LUA_DIR, NGINX_MODULES, ROOT, LoopbackServer, Service, child_pids, free_port, run_cli, wait_for
+from support import IMAGE, LUA_DIR, NGINX_MODULES, ROOT, LoopbackServer, start_nginx, stop_nginx, Service, child_pids, free_port, run_cli, wait_for
 
 APP = "demo"
 NAME = "demo-1700000000"
@@ -140,26 +140,7 @@ events { worker_connections 1024; }
 
 
 def _run_nginx(conf):
-    prefix = os.path.dirname(conf)
-    for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
-        os.makedirs(os.path.join(prefix, sub), exist_ok=True)
-    proc = subprocess.Popen(["nginx", "-p", prefix + "/", "-c", conf], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, NGX_UPSTREAM_DOUBLE_CONF=conf))
-    _wait_started(proc, conf)
-    return proc
-
-
-def _wait_started(proc, conf):
-    """nginx is up once its master wrote the pid file (after binding its sockets)."""
-    pid_file = re.search(r"^pid (\S+);", open(conf).read(), re.M).group(1)
-    assert wait_for(lambda: proc.poll() is not None or os.path.exists(pid_file), 10)
-    assert proc.poll() is None, open(conf.replace(".conf", "-error.log")).read()
-
-
-def _stop(proc):
-    if proc and proc.poll() is None:
-        proc.terminate()
-        proc.wait(10)
+    return start_nginx(conf, env={"NGX_UPSTREAM_DOUBLE_CONF": conf})
 
 
 class Traffic(object):
@@ -250,10 +231,10 @@ http {
         yield state
     finally:
         traffic.stop()
-        _stop(entry)
+        stop_nginx(entry)
         for appo in appos:
             appo.stop_service()
-            _stop(appo.nginx)
+            stop_nginx(appo.nginx)
             appo.docker("rm", "-f", NAME, check=False)
             appo.dockerd_down()  # the tests started it: they stop it
 
@@ -438,7 +419,7 @@ def test_6_haproxy_httpchk_marks_the_server_down(healthy):
         appo2.docker("start", NAME)
         assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "UP", 15), _haproxy_stat(sock_path)
     finally:
-        _stop(proc)
+        stop_nginx(proc)
 
 
 def _maintenance(appo, command, *args):
@@ -479,7 +460,7 @@ def test_13_haproxy_marks_a_drained_server_down(healthy):
         _maintenance(appo2, "undrain")
         assert wait_for(lambda: _haproxy_stat(sock_path).get("appo2") == "UP", 15), _haproxy_stat(sock_path)
     finally:
-        _stop(proc)
+        stop_nginx(proc)
 
 
 # ---- BlueKing's OpenResty path: ngx.upstream from its test double ----
@@ -611,18 +592,7 @@ def _run_nginx_with_hosts(conf, hosts_text, workdir):
     hosts = os.path.join(workdir, "hosts")
     with open(hosts, "w") as handle:
         handle.write(hosts_text)
-    prefix = os.path.dirname(conf)
-    for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp", "logs"):
-        os.makedirs(os.path.join(prefix, sub), exist_ok=True)
-    env = dict(os.environ, NGX_UPSTREAM_DOUBLE_CONF=conf)
-    test = subprocess.run(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec nginx -t -p "$1/" -c "$2"',
-                           hosts, prefix, conf], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          universal_newlines=True, timeout=30, env=env)
-    assert test.returncode == 0, test.stdout
-    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec nginx -p "$1/" -c "$2"',
-                             hosts, prefix, conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _wait_started(proc, conf)
-    return proc
+    return start_nginx(conf, env={"NGX_UPSTREAM_DOUBLE_CONF": conf}, hosts=hosts)
 
 
 def start_bk_entry(workdir, label, app_upstream, values, hosts_text, extra_init="", edit=None):
@@ -647,7 +617,7 @@ def start_bk_entry(workdir, label, app_upstream, values, hosts_text, extra_init=
 
 def stop_bk_entry(proc, error_log):
     """Stop it; and no Lua error may have been logged over its whole run, whatever the tests."""
-    _stop(proc)
+    stop_nginx(proc)
     text = open(error_log).read()
     assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]
 
@@ -799,7 +769,7 @@ http {
         assert "runtime error" not in open(os.path.join(workdir, "bk5-error.log")).read()
     finally:
         traffic.stop()
-        _stop(proc)
+        stop_nginx(proc)
         paas.close()
 
 
@@ -1163,7 +1133,7 @@ def test_24_appo_refusing_connections_loses_nothing(healthy, loss):
     appo2 = healthy["appos"][0]
 
     def stop_appo():
-        _stop(appo2.nginx)
+        stop_nginx(appo2.nginx)
         appo2.stop_service()
 
     def start_appo():
