@@ -6,9 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Two workers (CI has two cores), each test file whole on one of them: a file's tests share
-# its set-up (the e2e APPOs' engines and addresses, the RPM build). PYTEST_WORKERS= (empty)
-# runs everything in one process.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# its set-up (the e2e APPOs' engines and addresses, the RPM build); files handed out in the
+# order tests/conftest.py gives. PYTEST_WORKERS= (empty) runs everything in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua bench-failover clean e2e
 
@@ -34,7 +34,7 @@ deps:
 # Every daemon the tests started is stopped afterwards, whether they passed, failed or were
 # interrupted: the private engine here, the e2e APPOs' engines (appo2, appo3) by their fixture.
 test: deps test-venv
-	host=$$(scripts/dockerd-up default) && trap 'for engine in default appo2 appo3 fault; do scripts/dockerd-down $$engine; done' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
+	host=$$(scripts/dockerd-up default) && trap 'for engine in default appo2 appo3 fault; do scripts/dockerd-down $$engine & done; wait' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
 
 rpm: venv
 	PYTHON=$(CURDIR)/$(PY) scripts/build-rpm

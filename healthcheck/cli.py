@@ -50,7 +50,8 @@ class Service(object):
         if feed_waiters is not None:
             self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_ages, feed_waiters,
                              watch=self.drains.current)
-        metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
+        metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages,
+                            (lambda: self.feed.holding) if self.feed is not None else None)
 
     def _poke_feed(self):
         if self.feed is not None:
@@ -113,7 +114,10 @@ def serve(args):
     log.warning("container-healthcheck %s: docker=%s refresh=%gs max-stale=%gs ngx-port=%d prefix=%s",
                 __version__, args.docker_bin, args.refresh, args.max_stale, args.ngx_port, args.prefix or "/")
     try:
-        server.serve_forever(http, on_hup=file_handler.reopen if file_handler else None)
+        # Held feed requests are answered at once on SIGTERM: the entries learn now, not a
+        # heartbeat later, and the stop does not wait for them.
+        server.serve_forever(http, on_hup=file_handler.reopen if file_handler else None,
+                             on_stop=service.feed.release if service.feed is not None else None)
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", args.bind, args.port, exc)
         return EXIT_UNKNOWN

@@ -94,16 +94,22 @@ class Feed(object):
         self._poked = False
         self._read_at = None
         self._stopped = False
+        self.rounds = 0  # the builder's wake-ups, each deciding whether to build
+        self.holding = 0  # requests held now
         self._thread = threading.Thread(target=self._run, name="feed", daemon=True)
 
     def start(self):
         self._thread.start()
         return self
 
-    def stop(self, timeout_s=2.0):
+    def release(self):
+        """Answer every held request now, and hold no more (the service is stopping)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+
+    def stop(self, timeout_s=2.0):
+        self.release()
         self._thread.join(timeout_s)
 
     def poke(self):
@@ -129,11 +135,13 @@ class Feed(object):
             try:
                 deadline = now + wait_s
                 with self._cond:
+                    self.holding += 1
                     while not self._stopped and self._current_index_is(client_index):
                         remaining = deadline - self._clock()
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
+                    self.holding -= 1
             finally:
                 self._slots.release()
         else:
@@ -163,6 +171,7 @@ class Feed(object):
                 self._cond.wait_for(lambda: self._stopped or self._poked, self._tick_s)
                 if self._stopped:
                     return
+                self.rounds += 1
                 poked, self._poked = self._poked, False
                 now = self._clock()
                 # Nobody reads the feed: build nothing (building asks about every app, which

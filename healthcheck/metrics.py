@@ -30,6 +30,7 @@ class Metrics(object):
         self._snapshot_age = None
         self._app_reports = None
         self._probe_ages = None
+        self._feed_held = None
         r.register(_StateCollector(self))
 
     def docker_call(self, command, seconds, error):
@@ -58,13 +59,15 @@ class Metrics(object):
     def events_up(self, up):
         self._events_up.set(1 if up else 0)
 
-    def set_sources(self, snapshot_age, app_reports, probe_ages=None):
+    def set_sources(self, snapshot_age, app_reports, probe_ages=None, feed_held=None):
         """Read at scrape time, and must have no side effects (no docker call, no probe, no
         logging): snapshot_age() -> seconds or None; app_reports() -> reports known now;
-        probe_ages() -> {app: seconds since its last probe}."""
+        probe_ages() -> {app: seconds since its last probe}; feed_held() -> entry feed
+        requests held now."""
         self._snapshot_age = snapshot_age
         self._app_reports = app_reports
         self._probe_ages = probe_ages
+        self._feed_held = feed_held
 
     def render(self):
         return generate_latest(self.registry)
@@ -103,3 +106,8 @@ class _StateCollector(object):
             for app, seconds in sorted(m._probe_ages().items()):
                 ages.add_metric([app], seconds)
         yield ages
+        if m._feed_held is not None:
+            held = GaugeMetricFamily("healthcheck_feed_held_requests",
+                                     "entry balancers' feed requests held now (at most --feed-waiters)")
+            held.add_metric([], m._feed_held())
+            yield held

@@ -21,10 +21,17 @@ def make_server(app, bind, port, threads=16, backlog=1024, timeout_s=5, shutdown
     return server
 
 
-def serve_forever(server, on_hup=None):
-    """Run until SIGTERM/SIGINT: stop accepting, let in-flight requests finish, return."""
+def serve_forever(server, on_hup=None, on_stop=None):
+    """Run until SIGTERM/SIGINT: stop accepting, let in-flight requests finish, return.
+    on_stop: called first, to end requests that would otherwise wait (held feed requests)."""
     stopping = threading.Event()
-    stopper = threading.Thread(target=server.stop, name="stopper", daemon=True)
+
+    def stop():
+        if on_stop is not None:
+            on_stop()
+        server.stop()
+    # Off the signal handler: stop() takes locks the interrupted code may hold.
+    stopper = threading.Thread(target=stop, name="stopper", daemon=True)
 
     def request_stop(signum, _frame):
         if not stopping.is_set():

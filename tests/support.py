@@ -259,14 +259,24 @@ class StatusServer(LoopbackServer):
         LoopbackServer.__init__(self)
 
     def handle(self, conn):
+        path = self.read_path(conn)
+        if path is not None:
+            self.paths.append(path)
+            self.respond(conn)
+
+    @staticmethod
+    def read_path(conn):
+        """The path of the request on conn, once its head is in; None (closed) if it never came."""
         request = b""
         while b"\r\n\r\n" not in request:
             chunk = conn.recv(4096)
             if not chunk:
                 conn.close()
-                return
+                return None
             request += chunk
-        self.paths.append(request.split(b" ")[1].decode("latin-1"))
+        return request.split(b" ")[1].decode("latin-1")
+
+    def respond(self, conn):
         head = ["HTTP/1.1 %d Status" % self.status] + ["%s: %s" % pair for pair in self.headers]
         head += ["Content-Length: %d" % len(self.body), "Connection: close"]
         try:

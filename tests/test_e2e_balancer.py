@@ -236,7 +236,12 @@ http {
             appo.stop_service()
             stop_nginx(appo.nginx)
             appo.docker("rm", "-f", NAME, check=False)
-            appo.dockerd_down()  # the tests started it: they stop it
+        # the tests started the engines: they stop them, both at once (each takes seconds)
+        downs = [threading.Thread(target=appo.dockerd_down) for appo in appos]
+        for down in downs:
+            down.start()
+        for down in downs:
+            down.join(90)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from healthcheck import errors
 from healthcheck.checker import AppsView
 from healthcheck.feed import Feed, Verdict, render_feed
 from healthcheck.models import HealthReport
-from support import until
+from support import FakeClock, until
 
 
 def test_format_version_1():
@@ -51,7 +51,7 @@ def test_a_change_answers_a_waiting_client_at_once(feed):
     answers = []
     waiter = threading.Thread(target=lambda: answers.append((time.monotonic(), feed.answer(index, 5.0))))
     waiter.start()
-    time.sleep(0.2)
+    assert until(lambda: feed.holding == 1)
     assert not answers  # nothing changed: still waiting
     changed_at = time.monotonic()
     feed.views.apps["a"] = (False, "exited")
@@ -75,7 +75,7 @@ def test_waiters_beyond_the_limit_are_answered_at_once(feed):
     waiters = [threading.Thread(target=feed.answer, args=(index, 1.5)) for _ in range(2)]
     for waiter in waiters:
         waiter.start()
-    time.sleep(0.1)
+    assert until(lambda: feed.holding == 2)
     started = time.monotonic()
     assert feed.answer(index, 1.5)[3] is False  # not held: no free slot
     assert time.monotonic() - started < 0.5
@@ -85,18 +85,26 @@ def test_waiters_beyond_the_limit_are_answered_at_once(feed):
 
 
 def test_nobody_reading_means_no_work():
-    views = Views()
-    feed = Feed(views, dict, tick_s=0.01, idle_s=0.2, full_s=0.03).start()
+    views, clock = Views(), FakeClock()
+    feed = Feed(views, dict, tick_s=0.01, idle_s=30, full_s=5, clock=clock).start()
+
+    def some_rounds():
+        rounds = feed.rounds
+        return until(lambda: feed.rounds >= rounds + 3)  # the builder woke, and looked
     try:
         for _ in range(5):
             feed.poke()
-        time.sleep(0.1)
+        assert some_rounds()
         assert views.calls == 0  # pokes without a reader build nothing (and probe nothing)
         feed.answer(None, 0)
-        assert until(lambda: views.calls >= 3)  # read: rebuilt (every full_s here)
-        time.sleep(0.3)
+        assert until(lambda: views.calls >= 1)  # read: built
+        clock.now += 5
+        assert until(lambda: views.calls >= 2)  # and again every full_s while read
+        clock.now += 31  # nobody has read for longer than idle_s
+        assert some_rounds()
         calls = views.calls
-        time.sleep(0.2)
+        clock.now += 5
+        assert some_rounds()
         assert views.calls == calls  # the reader went away: building stops
     finally:
         feed.stop()
@@ -126,11 +134,28 @@ def test_between_pokes_only_a_change_of_the_watched_state_rebuilds():
     feed = Feed(views, dict, tick_s=0.01, full_s=3600, watch=lambda: watched[0]).start()
     try:
         index = feed.answer(None, 0)[0]
-        calls = views.calls
-        time.sleep(0.2)
+        calls, rounds = views.calls, feed.rounds
+        assert until(lambda: feed.rounds >= rounds + 5)
         assert views.calls == calls  # ticks alone rebuild nothing
         views.apps["a"] = (False, "draining: kernel update")
         watched[0] = object()  # the drain file was read anew
         assert until(lambda: feed.answer(None, 0)[0] == index + 1)
     finally:
         feed.stop()
+
+
+def test_release_answers_held_requests_at_once_and_holds_no_more(feed):
+    """On SIGTERM the service releases the entries' held requests: they learn now, and the
+    stop does not wait out their `wait`."""
+    index = feed.answer(None, 0)[0]
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(feed.answer(index, 30.0)))
+    waiter.start()
+    assert until(lambda: feed.holding == 1)
+    released_at = time.monotonic()
+    feed.release()
+    waiter.join(5)
+    assert answers and answers[0][0] == index and time.monotonic() - released_at < 1.0
+    started = time.monotonic()
+    feed.answer(index, 30.0)  # a late one is not held either
+    assert time.monotonic() - started < 1.0

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from healthcheck.models import ProbeResult
 from healthcheck.prober import Prober
-from support import (COUNTING_DOCKER, FakeClock, LoopbackServer, Service, http, name_for, unique_app, until,
+from support import (COUNTING_DOCKER, FakeClock, Service, StatusServer, http, name_for, unique_app, until,
                      wait_for)
 
 
@@ -186,7 +186,7 @@ def test_an_app_that_stops_serving_is_forgotten_at_once():
 
 # The prober in the service: a real engine, a stub APPO Nginx.
 
-class StubNginx(LoopbackServer):
+class StubNginx(StatusServer):
     """A loopback APPO Nginx stand-in: counts GET /o/<app>/ per app; apps in `hang` never
     get an answer (the connection is held open), the rest get 200."""
 
@@ -195,31 +195,26 @@ class StubNginx(LoopbackServer):
         self.counts = {}
         self._lock = threading.Lock()
         self._held = []
-        LoopbackServer.__init__(self)
+        StatusServer.__init__(self)
 
     def handle(self, conn):
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = conn.recv(4096)
-            if not chunk:
-                conn.close()
-                return
-            request += chunk
-        app = request.split(b" ")[1].decode().split("/")[2]
+        path = self.read_path(conn)
+        if path is None:
+            return
+        app = path.split("/")[2]
         with self._lock:
             self.counts[app] = self.counts.get(app, 0) + 1
         if app in self.hang:
             self._held.append(conn)
             return
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        conn.close()
+        self.respond(conn)
 
     def count(self, app):
         with self._lock:
             return self.counts.get(app, 0)
 
     def close(self):
-        LoopbackServer.close(self)
+        StatusServer.close(self)
         for conn in self._held:
             conn.close()
 

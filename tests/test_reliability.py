@@ -54,15 +54,17 @@ def test_dockerd_stopped_under_load_then_started(docker_engine, tmp_path):
     app = unique_app()
     try:
         subprocess.run(["docker", "rm", "-f", name_for(app)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["docker", "run", "-d", "--network", "none", "--name", name_for(app), "hc-busybox:test",
-                        "sleep", "3600"], env=env, check=True, stdout=subprocess.DEVNULL)
+        # --stop-timeout 1: `sleep` as PID 1 ignores SIGTERM, and the daemon's stop would wait 10 s
+        subprocess.run(["docker", "run", "-d", "--network", "none", "--stop-timeout", "1", "--name", name_for(app),
+                        "hc-busybox:test", "sleep", "3600"], env=env, check=True, stdout=subprocess.DEVNULL)
         with Service("--ngx-port", "0", "--refresh", "1", "--max-stale", "3", env={"DOCKER_HOST": host}) as svc:
             assert svc.get("/apps/health/" + app)[0] == 200
             stop, results, threads = _run_load(svc, "/apps/health/" + app)
-            time.sleep(1)
+            assert wait_for(lambda: sum(1 for r in results if r[2] == 200) >= 20, 10)  # the load is on
             subprocess.run([os.path.join(ROOT, "scripts", "dockerd-down"), "fault"], check=True, timeout=60)
             down_at = time.monotonic()  # the daemon is gone
-            time.sleep(3 + 3)
+            # past --max-stale (3 s) and the refresh: answers from then on must say docker is down
+            assert wait_for(lambda: any(r[0] > down_at + 3 + 1.5 for r in list(results)), 15)
             subprocess.run([os.path.join(ROOT, "scripts", "dockerd-up"), "fault"], check=True, timeout=120,
                            stdout=subprocess.DEVNULL)
             up_at = time.monotonic()
@@ -149,6 +151,29 @@ def test_sigterm_under_load_finishes_requests_and_exits_zero(docker_engine, dock
     # every answer that arrived was complete and correct; later ones were refused, not broken
     answered = [r for r in results if r[2]]
     assert answered and all(r[2] == 200 and r[3].endswith(b"}") for r in answered)
+
+
+def test_sigterm_answers_held_feed_requests_at_once():
+    """An entry's held feed request is answered when the service is told to stop, not a
+    `wait` later: the entry learns at once (its next request is refused: the APPO is out),
+    and the stop does not wait for it."""
+    with Service("--ngx-port", "0", "--docker-bin", FAKE_DOCKER, env={"FAKE_DOCKER_MODE": "ok"}) as svc:
+        status, _, body = http(svc.port, PREFIX + "/apps/feed")
+        assert status == 200
+        index = int(body.decode().split("\nindex ", 1)[1].split("\n", 1)[0])
+        answers = []
+
+        def held():
+            answers.append(http(svc.port, PREFIX + "/apps/feed?index=%d&wait=5" % index, timeout=10))
+        waiter = threading.Thread(target=held)
+        waiter.start()
+        assert wait_for(lambda: b"healthcheck_feed_held_requests 1.0" in http(svc.port, PREFIX + "/metrics")[2], 5)
+        stopped_at = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        waiter.join(10)
+        assert answers and answers[0][0] == 200 and b"\nheld 1\n" in answers[0][2], answers
+        assert svc.proc.wait(10) == 0
+        assert time.monotonic() - stopped_at < 3  # well before the 5 s wait ran out
 
 
 def test_sighup_reopens_logs_without_dropping_requests(docker_engine, docker, tmp_path):

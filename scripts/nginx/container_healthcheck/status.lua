@@ -5,6 +5,9 @@ local discovery = require "container_healthcheck.discovery"
 local state = require "container_healthcheck.state"
 
 local ngx = ngx
+local say, unescape_uri, now_of = ngx.say, ngx.unescape_uri, ngx.now
+local format, concat, sort = string.format, table.concat, table.sort
+local floor, max = math.floor, math.max
 local ipairs, pairs, tostring = ipairs, pairs, tostring
 
 local conf = config.conf
@@ -12,7 +15,7 @@ local M = {}
 
 local function json_string(s)
     return '"' .. tostring(s):gsub('[%c"\\]', function(c)
-        return string.format("\\u%04x", c:byte())
+        return format("\\u%04x", c:byte())
     end) .. '"'
 end
 
@@ -29,9 +32,9 @@ end
 
 local function age_text(seconds)
     if not seconds then return "never" end
-    if seconds < 120 then return string.format("%.0f s", seconds) end
-    if seconds < 7200 then return string.format("%.0f min", seconds / 60) end
-    return string.format("%.1f h", seconds / 3600)
+    if seconds < 120 then return format("%.0f s", seconds) end
+    if seconds < 7200 then return format("%.0f min", seconds / 60) end
+    return format("%.1f h", seconds / 3600)
 end
 
 -- Everything the dict knows, from one key scan: states[app][addr] = {healthy, streak, since},
@@ -79,7 +82,7 @@ local function status_json(dict, states, reasons, polled, ejections, now)
     for addr in pairs(polled) do
         local ok_at = dict:get("ok:" .. addr)
         local err = dict:get("err:" .. addr)
-        appos[#appos + 1] = string.format('%s:{"last_ok":%s,"fresh":%s,"mode":%s,"error":%s}', json_string(addr),
+        appos[#appos + 1] = format('%s:{"last_ok":%s,"fresh":%s,"mode":%s,"error":%s}', json_string(addr),
             ok_at and tostring(ok_at) or "null", state.is_fresh(dict, addr, now) and "true" or "false",
             json_string(dict:get("mode:" .. addr) or "none"), err and json_string(err) or "null")
     end
@@ -95,34 +98,34 @@ local function status_json(dict, states, reasons, polled, ejections, now)
             local st = states[app] and states[app][addr]
             local why = reasons[app] and reasons[app][addr]
             local out = ejections[app] and ejections[app][addr]
-            entries[#entries + 1] = string.format('%s:{"healthy":%s,"streak":%d,"last_change":%s%s%s}',
+            entries[#entries + 1] = format('%s:{"healthy":%s,"streak":%d,"last_change":%s%s%s}',
                 json_string(addr), (st and st.healthy) and "true" or "false", st and st.streak or 0,
                 st and tostring(st.since) or "null", why and (',"reason":' .. json_string(why)) or "",
-                out and string.format(',"ejected":{"cause":%s,"at":%.3f,"until":%.3f,"count":%d}',
+                out and format(',"ejected":{"cause":%s,"at":%.3f,"until":%.3f,"count":%d}',
                                       json_string(out.cause), out.at, out.hold_until, out.count) or "")
         end
-        parts[#parts + 1] = json_string(app) .. ":{" .. table.concat(entries, ",") .. "}"
+        parts[#parts + 1] = json_string(app) .. ":{" .. concat(entries, ",") .. "}"
     end
     ngx.header["Content-Type"] = "application/json"
     ngx.header["Cache-Control"] = "no-store"
-    ngx.say('{"now":', now, ',"wait":', conf.wait, ',"grace":', conf.grace, ',"interval":', conf.interval,
+    say('{"now":', now, ',"wait":', conf.wait, ',"grace":', conf.grace, ',"interval":', conf.interval,
             ',"fall":', conf.fall, ',"rise":', conf.rise, ',"ejections_total":', dict:get("stat:ejections") or 0,
             ',"last_round":', dict:get("stat:round") or "null",
-            ',"appos":{', table.concat(appos, ","), '},"apps":{', table.concat(parts, ","), '}}')
+            ',"appos":{', concat(appos, ","), '},"apps":{', concat(parts, ","), '}}')
 end
 
 -- The matrix: apps (rows) x APPOs (columns); apps failing open first.
 local function status_html(dict, states, reasons, polled, ejections, now)
     local addrs = {}
     for addr in pairs(polled) do addrs[#addrs + 1] = addr end
-    table.sort(addrs)
+    sort(addrs)
     local fresh = {}
     local head = { "<tr><th>app</th>" }
     for _, addr in ipairs(addrs) do
         local ok_at = dict:get("ok:" .. addr)
         local err = dict:get("err:" .. addr)
         fresh[addr] = state.is_fresh(dict, addr, now)
-        head[#head + 1] = string.format('<th class="%s" title="%s">%s<br><span class="small">%s%s</span></th>',
+        head[#head + 1] = format('<th class="%s" title="%s">%s<br><span class="small">%s%s</span></th>',
             fresh[addr] and "ok" or "bad", html_escape(err or ""), html_escape(addr),
             ok_at and ("polled " .. age_text(now - ok_at) .. " ago") or "never polled",
             err and (" &middot; " .. html_escape(err:sub(1, 40))) or "")
@@ -154,43 +157,43 @@ local function status_html(dict, states, reasons, polled, ejections, now)
             end
             local label = html_escape(words)
             if st and backup[addr] then css, label = css .. " backup", "backup &middot; " .. label end
-            cells[#cells + 1] = st and string.format('<td class="%s" title="%s">%s <span class="small">%s</span></td>',
+            cells[#cells + 1] = st and format('<td class="%s" title="%s">%s <span class="small">%s</span></td>',
                 css, html_escape(why or ""), label, age_text(now - st.since)) or "<td></td>"
         end
         local failing_open = usable_count == 0
         if failing_open then open_count = open_count + 1 end
-        rows[#rows + 1] = { open = failing_open, app = app, html = string.format(
+        rows[#rows + 1] = { open = failing_open, app = app, html = format(
             '<tr data-app="%s"%s><th>%s%s</th>%s</tr>', html_escape(app:lower()), failing_open and ' class="open"' or "",
             html_escape(app), failing_open and ' <span class="small">failing open</span>' or "",
-            table.concat(cells)) }
+            concat(cells)) }
     end
-    table.sort(rows, function(a, b)
+    sort(rows, function(a, b)
         if a.open ~= b.open then return a.open end
         return a.app < b.app
     end)
     local body = {}
     for i, row in ipairs(rows) do body[i] = row.html end
-    local query = ngx.unescape_uri(ngx.var.arg_q or ""):sub(1, 100)
+    local query = unescape_uri(ngx.var.arg_q or ""):sub(1, 100)
     ngx.header["Content-Type"] = "text/html; charset=utf-8"
     ngx.header["Cache-Control"] = "no-store"
     ngx.header["Content-Security-Policy"] = PAGE_CSP
     ngx.header["X-Content-Type-Options"] = "nosniff"
     ngx.header["Referrer-Policy"] = "no-referrer"
-    ngx.say('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="',
-            math.max(1, math.floor(conf.interval)), '"><title>container-healthcheck: apps x APPOs</title><style>',
+    say('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="',
+            max(1, floor(conf.interval)), '"><title>container-healthcheck: apps x APPOs</title><style>',
             PAGE_STYLE, '</style></head><body><header><h1>container-healthcheck: apps x APPOs</h1><span class="meta">',
             #rows, " apps, ", #addrs, " APPOs, ", open_count, " failing open &middot; interval ", conf.interval,
-            " s, fall ", conf.fall, ", rise ", conf.rise, " &middot; ", os.date("%Y-%m-%d %H:%M:%S", math.floor(now)),
+            " s, fall ", conf.fall, ", rise ", conf.rise, " &middot; ", os.date("%Y-%m-%d %H:%M:%S", floor(now)),
             '</span><form method="get"><input id="filter" name="q" placeholder="filter apps" value="',
-            html_escape(query), '" autocomplete="off"></form></header><table><thead>', table.concat(head),
-            "</thead><tbody>", table.concat(body), "</tbody></table><script>", PAGE_SCRIPT, "</script></body></html>")
+            html_escape(query), '" autocomplete="off"></form></header><table><thead>', concat(head),
+            "</thead><tbody>", concat(body), "</tbody></table><script>", PAGE_SCRIPT, "</script></body></html>")
 end
 
 -- content_by_lua: the page or the JSON.
 function M.handle()
     local dict = state.dict()
     local states, reasons, polled, ejections = read_state(dict)
-    local now = ngx.now()
+    local now = now_of()
     if (ngx.var.http_accept or ""):find("text/html", 1, true) then
         return status_html(dict, states, reasons, polled, ejections, now)
     end
