@@ -40,7 +40,7 @@ local status = require "container_healthcheck.status"
 
 local ngx = ngx
 
-local M = { _VERSION = "2.2.0" }
+local M = { _VERSION = "2.3.0" }
 
 -- init_by_lua: the options (see container_healthcheck/config.lua). An unknown or wrong-typed
 -- option, or an undeclared dict, is an error there, so `nginx -t` says so.
