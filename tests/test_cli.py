@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -351,8 +350,7 @@ def test_what_go_tool_users_relied_on_against_the_running_service(docker_engine,
     docker.run(name_for(app))
     docker.run(name_for(dead), cmd=("true",))
     wait_for(lambda: docker.state(name_for(dead)) == "exited", 10)
-    version = subprocess.run([sys.executable, "-m", "healthcheck", "-version"], cwd=ROOT, stdout=subprocess.PIPE,
-                             universal_newlines=True, timeout=30)
+    version = run_cli("-version", text=True, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("container-healthcheck 2.")
     for level in ("trace", "fatal", "panic"):
         with Service("-level", level, "-ngx-port", "0") as svc:
@@ -425,8 +423,7 @@ def test_apps_table_from_the_service_and_directly(docker_engine, docker, tmp_pat
     wait_for(lambda: docker.state(name_for(dead)) == "exited", 10)
 
     def table(*args):
-        return subprocess.run([sys.executable, "-m", "healthcheck", "apps", "--ngx-port", "0"] + list(args), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        return run_cli("apps", "--ngx-port", "0", *args, text=True)
     with Service("--ngx-port", "0") as svc:
         url = "http://127.0.0.1:%d/container-healthcheck" % svc.port
         wait_status(svc, good, 200)
