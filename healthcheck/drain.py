@@ -8,7 +8,7 @@ import time
 
 from healthcheck import text
 from healthcheck.matching import APP_CODE_RE
-from healthcheck.models import Drain  # noqa: F401 (drain.Drain: the state file's entries)
+from healthcheck.models import Drain
 
 log = logging.getLogger(__name__)
 

@@ -330,10 +330,14 @@ def start_nginx(conf, env=None, hosts=None):
     return proc
 
 
-def stop_nginx(proc):
+def stop_nginx(proc, error_log=None):
+    """Stop it; with error_log, no Lua error may have been logged over its whole run."""
     if proc is not None and proc.poll() is None:
         proc.terminate()
         proc.wait(10)
+    if error_log is not None:
+        text = open(error_log).read()
+        assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]
 
 
 class LuaNginx(object):
@@ -379,6 +383,4 @@ http {
 
     def stop(self):
         """Stop it; and no Lua error may have been logged meanwhile."""
-        stop_nginx(self.proc)
-        text = open(self.error_log).read()
-        assert "runtime error" not in text and "lua entry thread aborted" not in text, text[-3000:]
+        stop_nginx(self.proc, self.error_log)
