@@ -624,6 +624,16 @@ def start_bk_entry(workdir, label, app_upstream, values, hosts_text, extra_init=
     return _run_nginx_with_hosts(conf, hosts_text, workdir), os.path.join(workdir, "%s-error.log" % label)
 
 
+def _bk_entry_setting(cluster, name):
+    """What a BlueKing entry fixture starts from: unshare (for its /etc/hosts), the two APPOs,
+    and a folder of its own."""
+    _need("unshare")
+    appo2, appo3 = cluster["appos"]
+    workdir = os.path.join(cluster["workdir"], name)
+    os.makedirs(workdir, exist_ok=True)
+    return appo2, appo3, workdir
+
+
 def stop_bk_entry(proc, error_log):
     """Stop it; and no Lua error may have been logged over its whole run, whatever the tests."""
     stop_nginx(proc, error_log)
@@ -631,10 +641,7 @@ def stop_bk_entry(proc, error_log):
 
 @pytest.fixture(scope="module")
 def bk_entry(cluster):
-    _need("unshare")
-    appo2, appo3 = cluster["appos"]
-    workdir = os.path.join(cluster["workdir"], "bk")
-    os.makedirs(workdir, exist_ok=True)
+    appo2, appo3, workdir = _bk_entry_setting(cluster, "bk")
     paas = Counter("127.0.0.9", 0)
     down = Counter("127.0.0.10", 0)  # a server marked down: must see nothing
     # The shipped placeholder peer, listened on so that a connection to it would be seen (the
@@ -938,10 +945,7 @@ class Load(object):
 
 @pytest.fixture(scope="module")
 def loss_entry(cluster):
-    _need("unshare")
-    appo2, appo3 = cluster["appos"]
-    workdir = os.path.join(cluster["workdir"], "loss")
-    os.makedirs(workdir, exist_ok=True)
+    appo2, appo3, workdir = _bk_entry_setting(cluster, "loss")
     port = free_port()
     values = {"dir": workdir, "paas": free_port(), "port": port, "app": APP, "a": appo2.addr, "b": appo3.addr}
     access_log = os.path.join(workdir, "entry-access.log")
