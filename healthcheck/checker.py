@@ -82,9 +82,11 @@ class Checker(object):
 
     def probe_ages(self):
         """{app: seconds since its last probe finished}."""
-        if self._prober is None:
-            return {}
-        return {app: age for app, (_, age) in self._prober.known().items()}
+        return {app: age for app, (_, age) in self.probe_evidence().items()}
+
+    def probe_evidence(self):
+        """{app: (ProbeResult, seconds since the latest probe giving it finished)}."""
+        return self._prober.known() if self._prober is not None else {}
 
     def _apps(self, snapshot, memo):
         apps = memo.get("")

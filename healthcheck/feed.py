@@ -7,6 +7,7 @@ short, so they pass the APPO Nginx's buffering and default timeouts unchanged.
 """
 import collections
 import logging
+import math
 import threading
 import time
 
@@ -20,13 +21,65 @@ CONTENT_TYPE = "text/plain; charset=utf-8"
 DEFAULT_WAIT_S = 1.0
 MAX_WAIT_S = 5.0
 
-# One app's line: healthy or not, and the short reason (empty when healthy).
+# One app's line: healthy or not, and the short reason (empty when healthy). The index moves
+# when these change; the probe ages beside them do not move it.
 Verdict = collections.namedtuple("Verdict", "app healthy short")
+
+# The probe a verdict rests on, kept from the build that made the verdict: the result object
+# and when the latest probe giving that object finished (the feed's clock), None if unknown.
+Evidence = collections.namedtuple("Evidence", "probe finished_at")
+
+# One answer: what answer() gives the route to render.
+FeedAnswer = collections.namedtuple("FeedAnswer", "index verdicts ages stale_s held")
+
+# The age of a verdict whose probe's finish time is not known: rendered "?", read by the
+# entry as evidence older than anything (it never clears an ejection).
+UNKNOWN_AGE = float("inf")
 
 
 def verdicts_of(view):
     """The verdict lines of an AppsView, in app order (what the index tracks)."""
     return tuple(Verdict(r.app, r.healthy, r.short) for r in view.reports)
+
+
+def evidence_of(view, known, now):
+    """{app: Evidence} for the reports of one build. known: the prober's {app: (result,
+    age_s)} read after the reports; a report's probe that is not the prober's result any more
+    (it changed in between) has no known finish time."""
+    evidence = {}
+    for report in view.reports:
+        if report.probe is None:
+            continue
+        seen = known.get(report.app)
+        finished_at = now - seen[1] if seen is not None and seen[0] is report.probe else None
+        evidence[report.app] = Evidence(report.probe, finished_at)
+    return evidence
+
+
+def ages_of(evidence, known, now):
+    """{app: seconds} since the probe each verdict rests on finished. The prober's latest
+    result counts only when it is the very object the verdict rests on (the prober keeps the
+    object while probes give the same answer): a newer, different result never lends its age
+    to an older verdict, which would let an entry trust a stale "healthy"."""
+    ages = {}
+    for app, (probe, finished_at) in evidence.items():
+        seen = known.get(app)
+        if seen is not None and seen[0] is probe:
+            ages[app] = seen[1]
+        elif finished_at is not None:
+            ages[app] = now - finished_at
+        else:
+            ages[app] = UNKNOWN_AGE
+    return ages
+
+
+def _age_text(age):
+    if age is None:
+        return "-"
+    if age == UNKNOWN_AGE:
+        return "?"
+    # rounded up: an entry must never read the evidence as newer than it is
+    return "%.1f" % (math.ceil(max(age, 0.0) * 10 - 1e-9) / 10.0)
 
 
 def render_feed(index, verdicts, ages, held, stale_s=None):
@@ -41,17 +94,17 @@ def render_feed(index, verdicts, ages, held, stale_s=None):
         ...
         end
 
-    age: seconds since the probe result the verdict rests on finished, or `-` when no probe
-    applies; an ejecting client trusts a healthy line only when its evidence is newer than
-    the ejection. Unknown lines are to be ignored by readers; `end` proves the answer whole.
+    age: seconds (rounded up to a tenth) since the probe result the verdict rests on finished,
+    `-` when no probe applies, `?` when its finish time is unknown (older than anything); an
+    ejecting client trusts a healthy line only when its evidence is newer than the ejection.
+    Unknown lines are to be ignored by readers; `end` proves the answer whole.
     """
     lines = ["%s %d" % (FORMAT_NAME, FORMAT_VERSION), "index %d" % index, "held %d" % (1 if held else 0)]
     if stale_s is not None:
         lines.append("stale %.1f" % stale_s)
     lines.append("apps %d" % len(verdicts))
     for verdict in verdicts:
-        age = ages.get(verdict.app)
-        line = "%s %d %s" % (verdict.app, 1 if verdict.healthy else 0, "-" if age is None else "%.1f" % max(age, 0.0))
+        line = "%s %d %s" % (verdict.app, 1 if verdict.healthy else 0, _age_text(ages.get(verdict.app)))
         if verdict.short:
             line += " " + verdict.short
         lines.append(line)
@@ -73,10 +126,10 @@ class Feed(object):
     The builder runs only while someone read the feed within idle_s: no entry, no cost.
     """
 
-    def __init__(self, view_of, probe_ages, max_waiters=8, tick_s=0.5, idle_s=30.0, clock=time.monotonic,
+    def __init__(self, view_of, probe_evidence, max_waiters=8, tick_s=0.5, idle_s=30.0, clock=time.monotonic,
                  watch=None, full_s=5.0):
         self._view_of = view_of
-        self._probe_ages = probe_ages
+        self._probe_evidence = probe_evidence
         self._watch = watch
         self._watched = None
         self._full_s = full_s
@@ -89,6 +142,7 @@ class Feed(object):
         # Deciseconds since the epoch: a restarted service never repeats a client's index.
         self._index = int(time.time() * 10)
         self._verdicts = None
+        self._evidence = {}
         self._stale_s = None
         self._error = None
         self._poked = False
@@ -119,8 +173,8 @@ class Feed(object):
             self._cond.notify_all()
 
     def answer(self, client_index, wait_s):
-        """(index, verdicts, stale_s, held) once the index differs from client_index or wait_s
-        passed. client_index None: at once.
+        """A FeedAnswer once the index differs from client_index or wait_s passed.
+        client_index None: at once. Each verdict's age is its own probe's (see ages_of).
         :raises DockerError: docker does not answer and no recent list exists."""
         now = self._clock()
         with self._cond:
@@ -149,10 +203,9 @@ class Feed(object):
         with self._cond:
             if self._error is not None and self._verdicts is None:
                 raise self._error
-            return self._index, self._verdicts or (), self._stale_s, held
-
-    def ages(self):
-        return self._probe_ages()
+            index, verdicts, evidence, stale_s = self._index, self._verdicts or (), self._evidence, self._stale_s
+        ages = ages_of(evidence, self._probe_evidence(), self._clock())
+        return FeedAnswer(index, verdicts, ages, stale_s, held)
 
     def _current_index_is(self, client_index):
         return self._index == client_index or (self._verdicts is None and self._error is None)
@@ -185,9 +238,10 @@ class Feed(object):
                 self._build()
 
     def _build(self):
-        verdicts, stale_s, error = None, None, None
+        verdicts, evidence, stale_s, error = None, {}, None, None
         try:
             view = self._view_of()
+            evidence = evidence_of(view, self._probe_evidence(), self._clock())
             verdicts, stale_s = verdicts_of(view), view.stale_s
         except errors.DockerError as exc:
             error = exc
@@ -197,10 +251,10 @@ class Feed(object):
         with self._cond:
             if error is not None:
                 changed = self._error is None or str(self._error) != str(error) or self._verdicts is not None
-                self._error, self._verdicts, self._stale_s = error, None, None
+                self._error, self._verdicts, self._evidence, self._stale_s = error, None, {}, None
             else:
                 changed = verdicts != self._verdicts or self._error is not None
-                self._error, self._verdicts, self._stale_s = None, verdicts, stale_s
+                self._error, self._verdicts, self._evidence, self._stale_s = None, verdicts, evidence, stale_s
             if changed:
                 self._index += 1
                 self._cond.notify_all()

@@ -106,9 +106,9 @@ def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, h
         if feed is None:
             bottle.abort(404)  # answered by the 404 handler: code 14
         client_index, wait_s = feed_query()
-        index, verdicts, stale_s, held = feed.answer(client_index, wait_s)
-        return render.Rendered(200, feeds.CONTENT_TYPE,
-                               feeds.render_feed(index, verdicts, feed.ages(), held, stale_s))
+        answer = feed.answer(client_index, wait_s)
+        return render.Rendered(200, feeds.CONTENT_TYPE, feeds.render_feed(
+            answer.index, answer.verdicts, answer.ages, answer.held, answer.stale_s))
 
     @route("/metrics")
     def prometheus(_flags):

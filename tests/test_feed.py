@@ -6,24 +6,28 @@ import pytest
 
 from healthcheck import errors
 from healthcheck.checker import AppsView
-from healthcheck.feed import Feed, Verdict, render_feed
-from healthcheck.models import HealthReport
+from healthcheck.feed import UNKNOWN_AGE, Feed, Verdict, render_feed
+from healthcheck.models import HealthReport, ProbeResult
 from support import FakeClock, until
 
 
 def test_format_version_1():
     body = render_feed(42, (Verdict("bk_iam", True, ""), Verdict("demo", False, "probe 502"),
-                            Verdict("off", False, "draining: 内核升级")), {"bk_iam": 0.44, "demo": 1.0}, True, 3.25)
+                            Verdict("off", False, "draining: 内核升级"), Verdict("new", True, "")),
+                       {"bk_iam": 0.44, "demo": 1.0, "new": UNKNOWN_AGE}, True, 3.25)
+    # ages are rounded up (an entry never reads evidence as newer than it is); "?" is unknown
     assert body.decode("utf-8") == (
-        "container-healthcheck-feed 1\nindex 42\nheld 1\nstale 3.2\napps 3\n"
-        "bk_iam 1 0.4\ndemo 0 1.0 probe 502\noff 0 - draining: 内核升级\nend\n")
+        "container-healthcheck-feed 1\nindex 42\nheld 1\nstale 3.2\napps 4\n"
+        "bk_iam 1 0.5\ndemo 0 1.0 probe 502\noff 0 - draining: 内核升级\nnew 1 ?\nend\n")
 
 
 class Views(object):
-    """What the checker would say: set .apps to {app: (healthy, short)}, or .error."""
+    """What the checker would say: set .apps to {app: (healthy, short)}, or .error; .probes
+    to {app: ProbeResult} for the probe a report rests on."""
 
     def __init__(self):
         self.apps = {"a": (True, "")}
+        self.probes = {}
         self.error = None
         self.calls = 0
 
@@ -31,7 +35,7 @@ class Views(object):
         self.calls += 1
         if self.error is not None:
             raise self.error
-        reports = [HealthReport(app, healthy, "", None, [], None, None, short)
+        reports = [HealthReport(app, healthy, "", None, [], self.probes.get(app), None, short)
                    for app, (healthy, short) in sorted(self.apps.items())]
         return AppsView(reports, 0.0, None)
 
@@ -39,15 +43,16 @@ class Views(object):
 @pytest.fixture
 def feed():
     views = Views()
-    instance = Feed(views, lambda: {"a": 0.5}, max_waiters=2, tick_s=0.05).start()
+    instance = Feed(views, dict, max_waiters=2, tick_s=0.05).start()
     instance.views = views
     yield instance
     instance.stop()
 
 
 def test_a_change_answers_a_waiting_client_at_once(feed):
-    index, verdicts, stale_s, held = feed.answer(None, 1.0)
-    assert verdicts == (Verdict("a", True, ""),) and stale_s is None and not held
+    first = feed.answer(None, 1.0)
+    index = first.index
+    assert first.verdicts == (Verdict("a", True, ""),) and first.stale_s is None and not first.held
     answers = []
     waiter = threading.Thread(target=lambda: answers.append((time.monotonic(), feed.answer(index, 5.0))))
     waiter.start()
@@ -57,8 +62,8 @@ def test_a_change_answers_a_waiting_client_at_once(feed):
     feed.views.apps["a"] = (False, "exited")
     feed.poke()
     waiter.join(5)
-    answered_at, (new_index, verdicts, _, held) = answers[0]
-    assert new_index == index + 1 and verdicts == (Verdict("a", False, "exited"),) and held
+    answered_at, answer = answers[0]
+    assert answer.index == index + 1 and answer.verdicts == (Verdict("a", False, "exited"),) and answer.held
     assert answered_at - changed_at < 1.0  # at once, not at the end of the 5 s wait
 
 
@@ -77,11 +82,11 @@ def test_waiters_beyond_the_limit_are_answered_at_once(feed):
         waiter.start()
     assert until(lambda: feed.holding == 2)
     started = time.monotonic()
-    assert feed.answer(index, 1.5)[3] is False  # not held: no free slot
+    assert feed.answer(index, 1.5).held is False  # not held: no free slot
     assert time.monotonic() - started < 0.5
     for waiter in waiters:
         waiter.join(5)
-    assert feed.answer(index, 0.1)[3] is True  # slots are given back
+    assert feed.answer(index, 0.1).held is True  # slots are given back
 
 
 def test_nobody_reading_means_no_work():
@@ -159,3 +164,43 @@ def test_release_answers_held_requests_at_once_and_holds_no_more(feed):
     started = time.monotonic()
     feed.answer(index, 30.0)  # a late one is not held either
     assert time.monotonic() - started < 1.0
+
+
+def test_a_verdict_carries_the_age_of_its_own_probe_not_of_a_newer_one():
+    """A heartbeat between a probe that failed and the rebuild it pokes still says "healthy"
+    (the last build's verdict): its age must be that verdict's probe's, or an entry would read
+    the failed probe's fresh age as fresh evidence for "healthy" and clear an ejection."""
+    healthy = ProbeResult(True, "http://127.0.0.1:8010/o/a/", 200, None)
+    failed = ProbeResult(False, "http://127.0.0.1:8010/o/a/", 502, None)
+    views, clock = Views(), FakeClock()
+    views.probes["a"] = healthy
+    prober = {"a": (healthy, 0.3)}
+    feed = Feed(views, lambda: dict(prober), tick_s=0.01, full_s=3600, clock=clock).start()
+    try:
+        first = feed.answer(None, 0)
+        assert first.ages == {"a": 0.3}
+        clock.now += 4
+        prober["a"] = (healthy, 0.2)  # the same answer again: the latest such probe counts
+        assert feed.answer(None, 0).ages == {"a": 0.2}
+        prober["a"] = (failed, 0.1)  # a newer probe failed; no rebuild yet
+        later = feed.answer(None, 0)
+        assert later.index == first.index and later.verdicts == first.verdicts
+        assert later.ages == {"a": pytest.approx(4.3)}  # the healthy verdict's own probe, 4.3 s old
+        views.apps["a"], views.probes["a"] = (False, "probe 502"), failed
+        feed.poke()
+        assert until(lambda: feed.answer(None, 0).index == first.index + 1)
+        assert feed.answer(None, 0).ages == {"a": 0.1}
+    finally:
+        feed.stop()
+
+
+def test_a_probe_that_changed_during_the_build_has_an_unknown_age():
+    healthy = ProbeResult(True, "http://127.0.0.1:8010/o/a/", 200, None)
+    views = Views()
+    views.probes["a"] = healthy
+    known = {}  # the prober already holds another result than the one the report used
+    feed = Feed(views, lambda: known, tick_s=0.01).start()
+    try:
+        assert feed.answer(None, 0).ages == {"a": UNKNOWN_AGE}
+    finally:
+        feed.stop()

@@ -41,7 +41,7 @@ class Harness(object):
         self.prober = Prober(probe, ttl_s=60, workers=4).start() if probe is not None else None
         self.checker = Checker(self.snapshotter, NamePattern(), prober=self.prober, probe_wait_s=2.0)
         self.metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
-        self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_ages, max_waiters=2).start()
+        self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_evidence, max_waiters=2).start()
         self.app = wsgiref.validate.validator(
             Instrumented(make_app(self.checker, self.metrics, prefix, feed=self.feed), self.metrics, allow))
         self.prefix = prefix
