@@ -204,7 +204,7 @@ http {
     }
     init_worker_by_lua_block { require("container_healthcheck").init_worker() }
     upstream appo_by_health {
-        server 127.0.0.1:1;  # placeholder: loopback only, never a routable address
+        server 127.0.0.1:1 down;  # placeholder: never connected to (balancer_by_lua sets every peer)
         balancer_by_lua_block { require("container_healthcheck").balance(ngx.var.app_code) }
     }
     server {

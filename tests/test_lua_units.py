@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from healthcheck.feed import Verdict, render_feed
+from healthcheck.feed import UNKNOWN_AGE, Verdict, render_feed
 from support import ROOT, LuaNginx
 
 TESTS_LUA = os.path.join(ROOT, "tests", "lua")
@@ -30,11 +30,12 @@ def test_lua_units(nginx):
     feed = os.path.join(workdir, "feed.txt")
     with open(feed, "wb") as handle:  # the service's own rendering: both sides held to one format
         handle.write(render_feed(42, (Verdict("bk", False, "exited"), Verdict("bk_iam", True, ""),
-                                      Verdict("demo", False, "draining: 内核升级")), {"bk_iam": 0.44}, True, 1.5))
+                                      Verdict("demo", False, "draining: 内核升级"), Verdict("new", True, "")),
+                                 {"bk_iam": 0.44, "new": UNKNOWN_AGE}, True, 1.5))
     lines = opener.open(url + "?feed=" + feed, timeout=10).read().decode("utf-8").splitlines()
     failed = [line for line in lines if not line.startswith("ok ")]
     assert failed == [], "\n".join(failed)
-    assert len(lines) == 11, lines
+    assert len(lines) == 17, lines
 
 
 @pytest.mark.parametrize("options,words", [

@@ -3,7 +3,7 @@
 -- "not ok <name>: <traceback>". ?feed=<path>: a feed answer rendered by the Python service.
 local chc = require "container_healthcheck"
 local u = chc._units
-local conf, state, feed, poller = u.config.conf, u.state, u.feed, u.poller
+local conf, state, feed, poller, records, config = u.config.conf, u.state, u.feed, u.poller, u.records, u.config
 local dict = ngx.shared[conf.dict]
 local out = {}
 
@@ -21,11 +21,15 @@ end
 
 -- The health record of app on addr, in plain fields (nil: none).
 local function health(app, addr)
-    return state.decode_health(dict:get(state.health_key(app, addr)))
+    return records.decode_health(dict:get(state.health_key(app, addr)))
 end
 
 local function ejection(app, addr)
-    return state.decode_ejection(dict:get(state.ejection_key(app, addr)))
+    return records.decode_ejection(dict:get(state.ejection_key(app, addr)))
+end
+
+local function healthy_record(app, addr, now)
+    dict:set(state.health_key(app, addr), records.encode_health({ healthy = true, streak = 0, since = now }))
 end
 
 local function raw(app, addr)
@@ -43,10 +47,13 @@ test("the service's own feed answer parses (format 1)", function()
     eq(answer.held, true, "held")
     local healthy, age = feed.line(answer, "bk_iam")
     eq(healthy, true, "bk_iam healthy")
-    eq(age, 0.4, "bk_iam age")
+    eq(age, 0.5, "bk_iam age, 0.44 rounded up")
     healthy, age = feed.line(answer, "demo")
     eq(healthy, false, "demo healthy")
     eq(age, 0, "no probe: age 0")
+    healthy, age = feed.line(answer, "new")
+    eq(healthy, true, "new healthy")
+    eq(age, math.huge, "an unknown age is older than anything")
     eq(feed.line(answer, "bk"), false, "bk's own line, not bk_iam's")
     eq(feed.line(answer, "bk_i"), nil, "a prefix of an app is not that app")
     eq(feed.line(answer, "nope"), nil, "an absent app")
@@ -83,7 +90,7 @@ end)
 
 test("an ejection holds until a health answer newer than the failure, and the hold", function()
     state.observe(dict, "a", A, true, 100, nil, 1)
-    state.eject(dict, "a", A, "answered 502")
+    eq(state.eject(dict, "a", A, "answered 502"), "new")
     local e = ejection("a", A)
     local at, hold_until = e.at, e.hold_until
     eq(e.count, 1)
@@ -91,12 +98,14 @@ test("an ejection holds until a health answer newer than the failure, and the ho
     eq(e.cause, "answered 502")
     eq(hold_until - at, conf.eject_hold, "first hold")
     eq(state.usable(dict, "a", A, at), false, "ejected: not usable")
-    state.eject(dict, "a", A, "answered 504")
-    eq(ejection("a", A).count, 1, "ejecting what is out changes nothing")
+    eq(state.eject(dict, "a", A, "answered 504"), "joined")
+    eq(ejection("a", A).count, 1, "ejecting what is out adds a vote, not a count")
+    eq(ejection("a", A).votes, 2, "two failed requests behind it")
     local now = hold_until + 0.1
     eq(state.consider_clear(dict, "a", A, false, 0, now), false, "unhealthy answer")
     eq(state.consider_clear(dict, "a", A, true, now - at + 0.5, now), false, "healthy, but from a probe before the failure")
     eq(state.consider_clear(dict, "a", A, true, 0.2, at + 0.5), false, "fresh, but within the hold")
+    eq(state.consider_clear(dict, "a", A, true, feed.age_of("?"), now), false, "a probe of unknown age")
     eq(state.consider_clear(dict, "a", A, true, 0.05, now), true, "fresh and past the hold")
     eq(ejection("a", A).cleared, true, "cleared")
 end)
@@ -116,7 +125,7 @@ test("a peer that keeps failing is held longer each time, up to the cap", functi
     -- a peer quiet for eject_memory starts over
     local last = ejection("a", A)
     last.at = ngx.now() - conf.eject_memory - 1
-    dict:set(state.ejection_key("a", A), state.encode_ejection(last))
+    dict:set(state.ejection_key("a", A), records.encode_ejection(last))
     state.eject(dict, "a", A, "failed")
     eq(ejection("a", A).count, 1, "starts over")
 end)
@@ -156,6 +165,96 @@ test("a feed answer applied: states written, an app gone from the list is out, a
     local heartbeat = assert(feed.parse("container-healthcheck-feed 1\nindex 6\nheld 1\napps 1\na 1 9.0\nend\n"))
     poller.apply_feed(dict, A, st, heartbeat, e.hold_until + 0.5)
     eq(st.ejected.a, true, "a heartbeat whose probe predates the failure does not clear it")
+    local unknown = assert(feed.parse("container-healthcheck-feed 1\nindex 6\nheld 1\napps 1\na 1 ?\nend\n"))
+    poller.apply_feed(dict, A, st, unknown, e.hold_until + 0.5)
+    eq(st.ejected.a, true, "nor one whose probe's age is unknown")
+    eq(dict:get("apps:" .. A), "a gone", "the APPO's registry of apps with a record")
+    eq(dict:get("ejected:" .. A), "a", "and of ejections")
+end)
+
+test("a line that did not change is not applied again; a changed one is", function()
+    local st = poller.new_channel_state()
+    st.full_at = ngx.now()
+    local now = ngx.now()
+    poller.apply_feed(dict, A, st, assert(feed.parse(
+        "container-healthcheck-feed 1\nindex 1\nheld 0\napps 2\na 1 0.1\nb 1 0.1\nend\n")), now)
+    dict:set(state.health_key("a", A), "marker")  -- what a rewrite would replace
+    poller.apply_feed(dict, A, st, assert(feed.parse(
+        "container-healthcheck-feed 1\nindex 2\nheld 1\napps 2\na 1 0.9\nb 0 0.2 probe 502\nend\n")), now + 1)
+    eq(dict:get(state.health_key("a", A)), "marker", "a's line did not change (its age did): untouched")
+    eq(health("b", A).healthy, false, "b's changed: applied")
+end)
+
+test("one request failing everywhere takes back its ejection; votes of others stand", function()
+    local now = ngx.now()
+    healthy_record("a", A, now)
+    eq(state.eject(dict, "a", A, "answered 502"), "new")
+    eq(state.unvote(dict, "a", A), true, "nobody else behind it: it ends")
+    eq(ejection("a", A), nil, "a first ejection taken back leaves nothing (no longer hold next time)")
+    eq(state.eject(dict, "a", A, "answered 502"), "new")
+    eq(state.eject(dict, "a", A, "answered 502"), "joined")
+    eq(state.unvote(dict, "a", A), false, "another request stands behind it")
+    eq(state.ejected(dict, "a", A), true)
+end)
+
+test("passive evidence alone never takes out more than half of an app's APPOs", function()
+    local B, C = "127.0.0.3:8010", "127.0.0.4:8010"
+    local now = ngx.now()
+    local peers = { A, B, C }
+    for _, addr in ipairs(peers) do healthy_record("a", addr, now) end
+    eq(state.eject(dict, "a", A, "answered 502", peers), "new")
+    eq(state.eject(dict, "a", B, "answered 502", peers), "capped", "1 of 3 is half, rounded down")
+    eq(state.ejected(dict, "a", B), false)
+    dict:set(state.health_key("a", B), records.encode_health({ healthy = false, streak = 0, since = now }))
+    eq(state.eject(dict, "a", B, "answered 502", peers), "new", "its health answer says unhealthy: not capped")
+    eq(state.eject(dict, "b", A, "answered 502", { A }), "new", "one APPO: at least one may go out")
+end)
+
+test("a silent service whose Nginx lives keeps its verdicts for keep_stale, then is out", function()
+    local now = ngx.now()
+    local apps = { a = true }
+    state.answered(dict, A, now, conf.wait + conf.grace, apps)
+    healthy_record("a", A, now)
+    eq(state.kept(dict, A, "status: timeout", now + 1.4, apps), true)
+    eq(state.usable(dict, "a", A, now + 1.4), true, "verdicts stand")
+    eq(dict:get("stale:" .. A), now + 1.4, "shown stale since")
+    eq(state.kept(dict, A, "status: timeout", now + conf.keep_stale + 0.1, apps), false, "keep_stale is over")
+    eq(state.is_fresh(dict, A, now + conf.keep_stale + 0.1), false, "out")
+    eq(dict:get("stale:" .. A), nil)
+    eq(state.kept(dict, A, "status: timeout", now + 1, apps), false, "an APPO that is out is not brought back")
+end)
+
+test("versions move for the app that changed, not for the others", function()
+    local now = ngx.now()
+    state.observe(dict, "a", A, true, now, nil, 1)
+    state.observe(dict, "b", A, true, now, nil, 1)
+    local va, vb = dict:get("v:a"), dict:get("v:b")
+    state.observe(dict, "a", A, false, now, dict:get(state.health_key("a", A)), 1)
+    eq(dict:get("v:a") ~= va, true, "a moved")
+    eq(dict:get("v:b"), vb, "b did not")
+    state.failed(dict, A, "gone", now, { a = true, b = true })  -- not fresh: nothing to change
+    eq(dict:get("v:b"), vb)
+    state.answered(dict, A, now, 1, { a = true, b = true })
+    eq(dict:get("v:b") ~= vb, true, "the APPO came in: every app there moved")
+end)
+
+test("fail-open goes to the APPOs whose health answer says healthy before going to all", function()
+    local B = "127.0.0.3:8010"
+    conf.apps.open_app = { A, B }
+    local now = ngx.now()
+    for _, addr in ipairs({ A, B }) do dict:set("fresh:" .. addr, now + 60) end
+    healthy_record("open_app", A, now)
+    dict:set(state.health_key("open_app", B), records.encode_health({ healthy = false, streak = 0, since = now }))
+    state.eject(dict, "open_app", A, "answered 502")
+    local candidates, _, _, tier = chc.choose("open_app", "o")
+    eq(tier, "healthy")
+    eq(#candidates == 1 and candidates[1] == A, true, "only the healthy one, ejected as it is")
+    dict:set(state.health_key("open_app", A), records.encode_health({ healthy = false, streak = 0, since = now }))
+    state.bump(dict, "open_app")
+    candidates, _, _, tier = chc.choose("open_app", "o")
+    eq(tier, "all")
+    eq(#candidates, 2, "none says healthy: all")
+    conf.apps.open_app = nil
 end)
 
 test("/apps answers of services without the feed: healthy list and reasons", function()
@@ -172,7 +271,7 @@ test("round-robin turns are per route: /o/ and /t/ requests interleaved each rea
     local now = ngx.now()
     for _, addr in ipairs({ A, B }) do
         dict:set("fresh:" .. addr, now + 60)
-        dict:set(state.health_key("rr_app", addr), state.encode_health({ healthy = true, streak = 0, since = now }))
+        healthy_record("rr_app", addr, now)
     end
     local seen = { o = {}, t = {} }
     for _ = 1, 4 do
@@ -189,6 +288,16 @@ end)
 
 test("init refuses unknown options, wrong types and numbers not above 0, in words", function()
     local cases = {
+        { { wait = 6 }, "option `wait` is 6 but the service holds a feed request at most 5 s (it refuses more " ..
+                        "with 400, which would take every APPO out)" },
+        { { eject_hold = 40 }, "option `eject_hold` (40) must be <= `eject_hold_max` (30)" },
+        { { forget_after = 30 }, "option `forget_after` (30) must be >= 60 (eject_memory, keep_stale, 3 x interval " ..
+                                 "and wait + grace): what it forgets, the others still need" },
+        { { eject_statuses = { 502, 404 } }, "option `eject_statuses`: entry 2 must be a 5xx status (a 4xx is the " ..
+                                             "client's, not the APPO's)" },
+        { { appos = { "10.0.0.2" } }, "option `appos`: entry 1 must be \"host:port\", not 10.0.0.2" },
+        { { rise = 1.5 }, "option `rise` must be a whole number" },
+        { { grace = 0.05 }, "option `grace` must be >= 0.1: half of it waits for a late heartbeat, half asks the APPO Nginx" },
         { { intervall = 2 }, "unknown option `intervall`" },
         { { interval = "2" }, "option `interval` must be a number, not string" },
         { { fall = 0 }, "option `fall` must be > 0" },
@@ -206,14 +315,18 @@ end)
 
 test("health and ejection records: plain fields in, the same fields out", function()
     local h = { healthy = false, streak = 1, since = 1700000000.25 }
-    local back = state.decode_health(state.encode_health(h))
+    local back = records.decode_health(records.encode_health(h))
     eq(back.healthy == h.healthy and back.streak == h.streak and back.since == h.since, true)
-    local e = { at = 10.5, hold_until = 12.5, count = 2, cleared = true, cause = "answered 502" }
-    local again = state.decode_ejection(state.encode_ejection(e))
+    local e = { at = 10.5, hold_until = 12.5, count = 2, cleared = true, votes = 3, cause = "answered 502" }
+    local again = records.decode_ejection(records.encode_ejection(e))
     eq(again.at == e.at and again.hold_until == e.hold_until and again.count == 2 and again.cleared, true)
+    eq(again.votes, 3)
     eq(again.cause, e.cause)
-    eq(state.decode_health("garbage"), nil)
-    eq(state.decode_ejection("1|2|x"), nil)
+    eq(records.decode_health("garbage"), nil)
+    eq(records.decode_ejection("1|2|x"), nil)
+    local set = records.decode_set(records.encode_set({ b = true, a = true }))
+    eq(set.a and set.b, true, "a registry")
+    eq(records.encode_set({ b = true, a = true }), "a b", "sorted")
 end)
 
 ngx.header["Content-Type"] = "text/plain"

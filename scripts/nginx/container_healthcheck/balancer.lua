@@ -1,144 +1,254 @@
 -- container_healthcheck.balancer: the request path. balance() (balancer_by_lua) picks
--- round-robin among the APPOs where the app is usable, retries the next one, and FAILS OPEN to
--- all the app's APPOs when none is usable; a failed attempt ejects that APPO for that app.
--- No socket, no key scan: each worker reuses its reading of the dict until "ver" changes.
+-- round-robin among the APPOs where the app is usable and retries the next one; when none is
+-- usable it FAILS OPEN, first to the APPOs whose health answer says healthy (ejected on failed
+-- requests alone), else to all of them (Envoy's panic mode keeps this order). A failed attempt
+-- ejects that APPO for that app at once; a request that failed on every APPO it tried takes
+-- its ejections back (the failure was the request's). Both phases are contained: a Lua error
+-- sends the request where nginx would without the Lua, never a 500.
+-- No socket, no key scan: each worker keeps its choice for an app until the app's version
+-- moves (one dict read per request).
 local ngx_balancer = require "ngx.balancer"
 local config = require "container_healthcheck.config"
 local discovery = require "container_healthcheck.discovery"
 local state = require "container_healthcheck.state"
 
 local ngx = ngx
-local now_of, exit, ERROR = ngx.now, ngx.exit, ngx.ERROR
-local WARN, ERR = ngx.WARN, ngx.ERR
+local now_of = ngx.now
+local WARN = ngx.WARN
 local set_more_tries, get_last_failure, set_current_peer = ngx_balancer.set_more_tries,
     ngx_balancer.get_last_failure, ngx_balancer.set_current_peer
-local gmatch, random, min, ipairs, tonumber = string.gmatch, math.random, math.min, ipairs, tonumber
+local gmatch, random, min, tonumber, pcall, concat = string.gmatch, math.random, math.min, tonumber, pcall,
+    table.concat
 
 local conf = config.conf
 local M = {}
 
-local MAX_ENTRIES = 10000  -- per-worker tables keyed by route and app start over past this
+local MAX_ENTRIES = 10000  -- per-worker choices start over past this many apps (names clients invent)
 
-local choices, choices_size = {}, 0
-local turns, turns_size = {}, 0
+-- Per worker: kind ("o", "t") -> app -> choice (see choose).
+local choices = { o = {}, t = {} }
+local choices_size = 0
 
--- Which peers app may use now: (candidates, known usable, source).
-local function candidates_for(app, kind, now)
-    local key = kind .. "|" .. app
-    local dict = state.dict()
-    local ver = dict:get("ver") or 0
-    local cached = choices[key]
-    if cached and cached.ver == ver and now < cached.expires then
-        return cached.candidates, cached.known, cached.source
+-- host and port of each address, split once per worker
+local split_cache, split_size = {}, 0
+local function peer_of(addr)
+    local peer = split_cache[addr]
+    if not peer then
+        local host, port = discovery.split_addr(addr)
+        peer = { addr = addr, host = host, port = port }
+        if split_size > MAX_ENTRIES then split_cache, split_size = {}, 0 end
+        split_size = split_size + 1
+        split_cache[addr] = peer
     end
+    return peer
+end
+
+-- A choice: { ver, expires, peers (the candidates: {addr, host, port}), n, tier, source,
+-- all (every primary address, for the ejection cap), turn }. tier: "usable"; "healthy"
+-- (failing open to the APPOs whose health answer says healthy); "all" (failing open to
+-- every APPO); "none" (no APPO at all).
+local function choose(app, kind, now, dict, ver, quiet)
     local peers, source = discovery.peers_for(app, kind)
-    discovery.learn(app, peers, source)
-    local primary, backup, all = {}, {}, {}
+    if not quiet then discovery.learn(app, peers, source) end
+    local usable, usable_backup, healthy, healthy_backup, primary, every = {}, {}, {}, {}, {}, {}
     local expires = now + 1
-    for _, peer in ipairs(peers) do
-        if not peer.backup then all[#all + 1] = peer.addr end
-        local yes, fresh = state.usable(dict, app, peer.addr, now)
+    for i = 1, #peers do
+        local p = peers[i]
+        local addr = p.addr
+        every[#every + 1] = addr
+        if not p.backup then primary[#primary + 1] = addr end
+        local yes, fresh, says_healthy = state.usable(dict, app, addr, now)
+        if fresh then expires = min(expires, fresh) end
         if yes then
-            local list = peer.backup and backup or primary
-            list[#list + 1] = peer.addr
-            expires = min(expires, fresh)
+            local list = p.backup and usable_backup or usable
+            list[#list + 1] = addr
+        elseif says_healthy then
+            local list = p.backup and healthy_backup or healthy
+            list[#list + 1] = addr
         end
     end
-    local candidates = #primary > 0 and primary or backup
-    local known = #candidates > 0
-    if not known then
-        if #all == 0 then
-            for _, peer in ipairs(peers) do all[#all + 1] = peer.addr end
-        end
-        candidates = all
-        if #candidates == 0 then
-            state.log_limited("nopeer", ERR, "no APPO at all for app ", app, " (", kind, "): check its upstream")
-        else
-            state.log_limited(source == "own" and ("open:" .. app) or "open:*", WARN, "no APPO known healthy for app ",
-                              app, ": failing open to all ", #candidates)
-        end
+    local tier, chosen = "usable", usable
+    if #chosen == 0 then chosen = usable_backup end
+    if #chosen == 0 then tier, chosen = "healthy", healthy end
+    if #chosen == 0 then chosen = healthy_backup end
+    if #chosen == 0 then tier, chosen = "all", #primary > 0 and primary or every end
+    if #chosen == 0 then tier = "none" end
+    if quiet then
+        return { tier = tier, n = #chosen }
+    elseif tier == "none" then
+        state.log_limited("nopeer", WARN, "no APPO at all for app ", app, " (", kind,
+                          "): answered 502, as nginx does for an app without an upstream")
+    elseif tier ~= "usable" then
+        state.log_limited(source == "own" and ("open:" .. app) or "open:*", WARN, "no APPO usable for app ", app,
+                          tier == "healthy" and ": failing open to the " or ": failing open to all ", #chosen,
+                          tier == "healthy" and " whose health answer says healthy (out on failed requests alone): "
+                              or " (none says healthy): ", concat(chosen, ", "))
     end
-    if not cached then
-        if choices_size > MAX_ENTRIES then choices, choices_size = {}, 0 end
+    local list = {}
+    for i = 1, #chosen do list[i] = peer_of(chosen[i]) end
+    return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
+             all = #primary > 0 and primary or every, turn = random(#list > 0 and #list or 1) - 1 }
+end
+
+-- The choice for app now: the worker's own while the app's version has not moved.
+local function choice_for(app, kind)
+    local dict = state.dict()
+    local ver = dict:get("v:" .. app) or false
+    local now = now_of()
+    local by_kind = choices[kind] or choices.o
+    local cached = by_kind[app]
+    if cached and cached.ver == ver and now < cached.expires then return cached end
+    local fresh = choose(app, kind, now, dict, ver)
+    if cached then
+        fresh.turn = cached.turn
+    else
+        if choices_size > MAX_ENTRIES then choices, choices_size = { o = {}, t = {} }, 0; by_kind = choices[kind] or choices.o end
         choices_size = choices_size + 1
     end
-    choices[key] = { ver = ver, expires = expires, candidates = candidates, known = known, source = source }
-    return candidates, known, source
+    by_kind[app] = fresh
+    return fresh
 end
 
--- The peers a request for app may use, in order, and where to start: usable primaries,
--- else usable backups, else (failing open) every primary.
-function M.choose(app, kind)
-    local candidates, known, source = candidates_for(app, kind, now_of())
-    if #candidates == 0 then return nil end
-    -- Round-robin turns only for apps known usable somewhere; the rest start at random (no
-    -- table that grows with every app name a client invents).
-    local start
-    if known then
-        -- One turn per route and app: /o/<app> and /t/<app> have different peers, and a shared
-        -- turn would send every other request of one of them to the same peer.
-        local key = kind .. "|" .. app
-        if not turns[key] then
-            if turns_size > MAX_ENTRIES then turns, turns_size = {}, 0 end
-            turns_size = turns_size + 1
-        end
-        start = (turns[key] or 0) % #candidates
-        turns[key] = start + 1
-    else
-        start = random(#candidates) - 1
-    end
-    return candidates, start, source
-end
-
--- A failed attempt at addr: eject, if app is one nginx or an APPO told us of (a name a client
--- made up never becomes a key).
-local function attempt_failed(ctx, addr, cause)
+-- How app's requests would be sent now ("usable", "healthy", "all", "none"), for the status
+-- page and metrics: no request is made to count, nothing is learned or logged.
+function M.tier(app, kind)
     local dict = state.dict()
-    if ctx.chc_source == "own" or ctx.chc_source == "fixed" or dict:get(state.health_key(ctx.chc_app, addr)) then
-        state.eject(dict, ctx.chc_app, addr, cause)
+    return choose(app, kind or "o", now_of(), dict, false, true).tier
+end
+
+-- The peers a request for app may use now, where it starts (the turn moves on, as for a
+-- request), the source and the tier: what balance() does, without a request (for tests).
+function M.choose(app, kind)
+    local choice = choice_for(app, kind or "o")
+    if choice.n == 0 then return nil end
+    local list = {}
+    for i = 1, choice.n do list[i] = choice.peers[i].addr end
+    local start = choice.turn % choice.n
+    choice.turn = start + 1
+    return list, start, choice.source, choice.tier
+end
+
+local FAILURE_LABEL = { [502] = "http_502", [504] = "http_504" }
+
+-- An attempt at addr failed: eject it for app, if app is one nginx or an APPO told us of (a
+-- name a client made up never becomes a key). Remembers the ejections this request made.
+local function attempt_failed(ctx, addr, cause, label)
+    local dict = state.dict()
+    local app = ctx.chc_app
+    local choice = ctx.chc_choice
+    if not (choice.source == "own" or choice.source == "fixed" or dict:get(state.health_key(app, addr))) then return end
+    local outcome = state.eject(dict, app, addr, cause, choice.all)
+    local labels = 'app="' .. state.label_value(app) .. '",appo="' .. state.label_value(addr) .. '"'
+    if outcome == "new" or outcome == "joined" then
+        if outcome == "new" then state.count(dict, "ejections_total", labels .. ',cause="' .. label .. '"') end
+        local mine = ctx.chc_ejected
+        if not mine then mine = {}; ctx.chc_ejected = mine end
+        mine[#mine + 1] = addr
+    elseif outcome == "capped" then
+        state.count(dict, "ejections_capped_total", labels)
     end
 end
 
--- balancer_by_lua: set the peer for this try. kind: "o" (default) or "t" for /t/ routes.
-function M.balance(app, kind)
+local function balance(app, kind)
     local ctx = ngx.ctx
-    local candidates = ctx.chc_candidates
-    if not candidates then
-        local start, source
-        candidates, start, source = M.choose(app or "", kind or "o")
-        if not candidates then return exit(ERROR) end
-        ctx.chc_candidates, ctx.chc_next, ctx.chc_app, ctx.chc_source = candidates, start, app or "", source
-        ctx.chc_tried = {}
-        if #candidates > 1 then set_more_tries(#candidates - 1) end
+    local choice = ctx.chc_choice
+    if not choice then
+        app = app or ""
+        choice = choice_for(app, kind or "o")
+        if choice.n == 0 then
+            state.count(state.dict(), "no_peer_total", "")
+            return  -- no peer set: the upstream's only server is `down`, nginx answers 502
+        end
+        local start = choice.turn % choice.n
+        choice.turn = start + 1
+        ctx.chc_choice, ctx.chc_app, ctx.chc_start, ctx.chc_next = choice, app, start, start
+        if choice.n > 1 then set_more_tries(choice.n - 1) end
+        if choice.tier ~= "usable" then
+            state.count(state.dict(), "fail_open_total", 'app="' .. state.label_value(app) .. '",to="' .. choice.tier .. '"')
+        end
     else
         -- A retry: the previous attempt failed the way proxy_next_upstream says.
         local how, code = get_last_failure()
         if how == "failed" or (how == "next" and config.eject_set[code]) then
-            attempt_failed(ctx, ctx.chc_tried[#ctx.chc_tried], how == "failed"
-                and ("connection failed or timed out" .. (code and (", " .. code) or "")) or ("answered " .. code))
+            local last = choice.peers[(ctx.chc_next - 1) % choice.n + 1].addr
+            if how == "failed" then
+                attempt_failed(ctx, last, "connection failed or timed out" .. (code and (", " .. code) or ""),
+                               code == 504 and "timeout" or "error")
+            else
+                attempt_failed(ctx, last, "answered " .. code, FAILURE_LABEL[code] or "http_5xx")
+            end
         end
     end
-    local addr = candidates[ctx.chc_next % #candidates + 1]
+    local peer = choice.peers[ctx.chc_next % choice.n + 1]
     ctx.chc_next = ctx.chc_next + 1
-    ctx.chc_tried[#ctx.chc_tried + 1] = addr
-    local host, port = discovery.split_addr(addr)
-    local ok, err = set_current_peer(host, port)
-    if not ok then state.log(ERR, "set_current_peer ", addr, ": ", err) end
+    local ok, err = set_current_peer(peer.host, peer.port)
+    if not ok then error("set_current_peer " .. peer.addr .. ": " .. tostring(err)) end
 end
 
--- log_by_lua: the last attempt failed too (a POST that got a 502 is not retried): eject.
-function M.log()
+-- Where nginx would send the request without the Lua: a random server of the app's own
+-- upstream, else of the shared one, else a configured APPO. Nothing found: no peer, 502.
+local function fallback(app, kind)
+    local peers = discovery.upstream_peers(kind == "t" and (conf.test_prefix .. app) or app)
+        or (conf.shared_upstream and discovery.upstream_peers(conf.shared_upstream)) or {}
+    local addrs = {}
+    for i = 1, #peers do addrs[i] = peers[i].addr end
+    if #addrs == 0 then addrs = conf.appos end
+    if #addrs == 0 then return end
+    local host, port = discovery.split_addr(addrs[random(#addrs)])
+    set_current_peer(host, port)
+end
+
+-- balancer_by_lua: set the peer for this try. kind: "o" (default) or "t" for /t/ routes.
+function M.balance(app, kind)
+    local ok, err = pcall(balance, app, kind)
+    if not ok then
+        state.lua_error("balance", err)
+        ok, err = pcall(fallback, tostring(app or ""), kind)
+        if not ok then state.lua_error("balance", err) end
+    end
+end
+
+-- log_by_lua: the last attempt failed too (a POST that got a 502 is not retried): eject. A
+-- request that failed on every APPO it tried, two or more, ejects nobody (the failure was
+-- the request's: one endpoint broken everywhere), and takes back what it ejected.
+local function log()
     local ctx = ngx.ctx
-    local tried = ctx.chc_tried
-    if not tried or #tried == 0 then return end
+    local choice = ctx.chc_choice
+    if not choice then return end
+    local attempts = ctx.chc_next - ctx.chc_start
+    local eject_set = config.eject_set
+    if attempts == 1 and not eject_set[ngx.status] then return end  -- one attempt, not failed: most requests
     local statuses = ngx.var.upstream_status
     if not statuses then return end
-    local i = 0
+    local codes, failed = {}, 0
     for status in gmatch(statuses, "[^,:%s]+") do
-        i = i + 1
         local code = tonumber(status)
-        if code and config.eject_set[code] and tried[i] then attempt_failed(ctx, tried[i], "answered " .. code) end
+        codes[#codes + 1] = code
+        if code and eject_set[code] then failed = failed + 1 end
     end
+    local last_code = codes[#codes]
+    if not (last_code and eject_set[last_code]) then return end
+    local distinct = min(#codes, choice.n)
+    if failed == #codes and distinct >= 2 then
+        local dict = state.dict()
+        local app = ctx.chc_app
+        for _, addr in ipairs(ctx.chc_ejected or {}) do
+            if state.unvote(dict, app, addr) then
+                state.count(dict, "ejections_reverted_total", 'app="' .. state.label_value(app) .. '",appo="' ..
+                            state.label_value(addr) .. '"')
+            end
+        end
+        state.log_limited("everywhere:" .. app, WARN, "a request for app ", app, " failed on every APPO it tried (",
+                          statuses, "): the request's failure, not theirs; none is taken out")
+        return
+    end
+    local addr = choice.peers[(ctx.chc_start + #codes - 1) % choice.n + 1].addr
+    attempt_failed(ctx, addr, "answered " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
+end
+
+function M.log()
+    local ok, err = pcall(log)
+    if not ok then state.lua_error("log", err) end
 end
 
 return M

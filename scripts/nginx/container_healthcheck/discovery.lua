@@ -75,23 +75,41 @@ function M.peers_for(app, kind)
 end
 
 -- The request path tells the channels what to ask: the APPOs of an app upstream someone uses
--- (p:<addr>), and that the app is in use (r:<app>). Names a client can invent (anything that
--- fell back to the shared upstream or appos) never become keys: only nginx's own upstreams
--- and the configured lists do.
-local learned_at = {}
+-- (p:<addr>), and that the app is in use (r:<app>). A name seen the first time is also pushed
+-- on a list for the supervisor, which keeps the registries (one writer, no key scan). Names a
+-- client can invent (anything that fell back to the shared upstream or appos) never become
+-- keys: only nginx's own upstreams and the configured lists do.
+local learned_at, learned_size = {}, 0
+
+local function mark(dict, key, list, name, now)
+    local ok, err = dict:add(key, now, conf.forget_after)
+    if ok then
+        -- announced, or forgotten again so that the next request announces it
+        if not state.push(dict, list, name) then dict:delete(key) end
+    elseif err == "exists" then
+        state.set(dict, key, now, conf.forget_after)
+    end
+end
+
+local function due(marker, now)
+    local last = learned_at[marker]
+    if last and now - last < conf.interval then return false end
+    if not last then
+        if learned_size > 10000 then learned_at, learned_size = {}, 0 end
+        learned_size = learned_size + 1
+    end
+    learned_at[marker] = now
+    return true
+end
 
 function M.learn(app, peers, source)
     if source ~= "own" and source ~= "one" and source ~= "fixed" then return end
-    local marker = source == "one" and "\0one" or app
     local now = now_of()
-    local last = learned_at[marker]
-    if last and now - last < conf.interval then return end
-    learned_at[marker] = now
     local dict = state.dict()
-    if source ~= "one" then state.set(dict, "r:" .. app, now, conf.forget_after) end
+    if source ~= "one" and due(app, now) then mark(dict, "r:" .. app, "new:apps", app, now) end
     if source ~= "fixed" then
         for _, peer in ipairs(peers) do
-            state.set(dict, "p:" .. peer.addr, now, conf.forget_after)
+            if due("\0" .. peer.addr, now) then mark(dict, "p:" .. peer.addr, "new:appos", peer.addr, now) end
         end
     end
 end

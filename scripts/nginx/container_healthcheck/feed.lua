@@ -2,8 +2,17 @@
 -- (pure). The feed's text format is documented in README ("The entry's feed") and rendered by
 -- healthcheck/feed.py; tests/test_lua_units.py holds both sides to it.
 local find, match, sub, tonumber = string.find, string.match, string.sub, tonumber
+local huge = math.huge
 
 local M = {}
+
+-- A line's probe age: "-" (no probe applies: the verdict is as new as the answer) is 0; "?"
+-- (unknown) or anything else that is not a number is older than anything.
+local function age_of(text)
+    if text == "-" then return 0 end
+    return tonumber(text) or huge
+end
+M.age_of = age_of
 
 -- A feed answer (format 1): { index=, held=, body=, apps_at= } (the app lines start at
 -- apps_at), or nil, error. Lines it does not know are ignored.
@@ -17,14 +26,14 @@ function M.parse(body)
              apps_at = find(body, "\n", apps_at + 1, true) + 1 }
 end
 
--- The line of one app in a parsed answer: healthy (bool), age of its probe (seconds, 0 for
--- "-"), or nil when the app is not listed.
+-- The line of one app in a parsed answer: healthy (bool), age of its probe (seconds, see
+-- age_of), or nil when the app is not listed.
 function M.line(answer, app)
     local at = find(answer.body, "\n" .. app .. " ", answer.apps_at - 1, true)
     if not at then return nil end
     local h, age = match(answer.body, "^ ([01]) ([^ \n]+)", at + 1 + #app)
     if not h then return nil end
-    return h == "1", tonumber(age) or 0
+    return h == "1", age_of(age)
 end
 
 -- Every app line of a parsed answer, for a for-in loop: app, healthy (bool), age, reason.
@@ -33,7 +42,7 @@ function M.lines(answer)
     return function()
         local app, h, age, why = next_line()
         if not app then return nil end
-        return app, h == "1", tonumber(age) or 0, why
+        return app, h == "1", age_of(age), why
     end
 end
 

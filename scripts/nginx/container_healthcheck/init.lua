@@ -56,6 +56,7 @@ M.log = balancer.log           -- log_by_lua
 M.status = status.handle       -- content_by_lua: the operators' page
 
 -- The pure parts and the dict rules, for the unit tests (tests/lua/test_units.lua).
-M._units = { config = config, state = state, poller = poller, feed = require "container_healthcheck.feed" }
+M._units = { config = config, state = state, poller = poller, feed = require "container_healthcheck.feed",
+             records = require "container_healthcheck.records" }
 
 return M

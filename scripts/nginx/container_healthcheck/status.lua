@@ -1,7 +1,9 @@
 -- container_healthcheck.status: what the balancer knows, for operators (content_by_lua): an
 -- HTML matrix of apps x APPOs for browsers (Accept: text/html), JSON otherwise.
+local balancer = require "container_healthcheck.balancer"
 local config = require "container_healthcheck.config"
 local discovery = require "container_healthcheck.discovery"
+local records = require "container_healthcheck.records"
 local state = require "container_healthcheck.state"
 
 local ngx = ngx
@@ -37,43 +39,33 @@ local function age_text(seconds)
     return format("%.1f h", seconds / 3600)
 end
 
--- Everything the dict knows, from one key scan: states[app][addr] = {healthy, streak, since},
--- reasons[app][addr], ejections[app][addr] = {at, hold_until, count, cause} (those still
--- out), and every APPO address in play.
+-- What the registries say, read key by key (no scan: the zone is never held for long):
+-- states[app][addr] = {healthy, streak, since}, reasons[app][addr], ejections[app][addr] =
+-- {at, hold_until, count, cause} (those still out), and every APPO address in play.
 local function read_state(dict)
-    local states, reasons, polled, ejections = {}, {}, {}, {}
-    for _, key in ipairs(dict:get_keys(0)) do
-        local kind, rest = key:sub(1, 2), key:sub(3)
-        if kind == "e:" then
-            local bar = rest:find("|", 1, true)
-            local e = bar and state.decode_ejection(dict:get(key))
+    local states, reasons, polled, ejections = {}, {}, records.decode_set(dict:get("reg:appos")), {}
+    for _, addr in ipairs(config.configured_appos()) do polled[addr] = true end
+    for addr in pairs(polled) do
+        local apps = records.decode_set(dict:get("apps:" .. addr))
+        for app in pairs(records.decode_set(dict:get("ejected:" .. addr))) do apps[app] = true end
+        for app in pairs(apps) do
+            local health = records.decode_health(dict:get(records.health_key(app, addr)))
+            if health then
+                states[app] = states[app] or {}
+                states[app][addr] = health
+            end
+            local why = dict:get(records.reason_key(app, addr))
+            if why then
+                reasons[app] = reasons[app] or {}
+                reasons[app][addr] = why
+            end
+            local e = records.decode_ejection(dict:get(records.ejection_key(app, addr)))
             if e and not e.cleared then
-                local app, addr = rest:sub(1, bar - 1), rest:sub(bar + 1)
                 ejections[app] = ejections[app] or {}
                 ejections[app][addr] = e
             end
-        elseif kind == "s:" or kind == "w:" then
-            local bar = rest:find("|", 1, true)
-            local value = bar and dict:get(key)
-            if value then
-                local app, addr = rest:sub(1, bar - 1), rest:sub(bar + 1)
-                if kind == "s:" then
-                    local health = state.decode_health(value)
-                    if health then
-                        states[app] = states[app] or {}
-                        states[app][addr] = health
-                        polled[addr] = true
-                    end
-                else
-                    reasons[app] = reasons[app] or {}
-                    reasons[app][addr] = value
-                end
-            end
-        elseif kind == "p:" then
-            polled[rest] = true
         end
     end
-    for _, addr in ipairs(config.configured_appos()) do polled[addr] = true end
     return states, reasons, polled, ejections
 end
 
@@ -82,14 +74,19 @@ local function status_json(dict, states, reasons, polled, ejections, now)
     for addr in pairs(polled) do
         local ok_at = dict:get("ok:" .. addr)
         local err = dict:get("err:" .. addr)
-        appos[#appos + 1] = format('%s:{"last_ok":%s,"fresh":%s,"mode":%s,"error":%s}', json_string(addr),
-            ok_at and tostring(ok_at) or "null", state.is_fresh(dict, addr, now) and "true" or "false",
+        local stale_since = dict:get("stale:" .. addr)
+        appos[#appos + 1] = format('%s:{"last_ok":%s,"fresh":%s,"up":%s,"stale_since":%s,"mode":%s,"error":%s}',
+            json_string(addr), ok_at and tostring(ok_at) or "null", state.is_fresh(dict, addr, now) and "true" or "false",
+            (state.is_fresh(dict, addr, now) and not stale_since) and "true" or "false",
+            stale_since and tostring(stale_since) or "null",
             json_string(dict:get("mode:" .. addr) or "none"), err and json_string(err) or "null")
     end
-    local apps = {}
+    local apps, open = {}, {}
     for app in pairs(states) do apps[app] = true end
     for app in pairs(ejections) do apps[app] = true end
     for app in pairs(apps) do
+        local tier = balancer.tier(app, "o")
+        if tier ~= "usable" then open[#open + 1] = json_string(app) .. ":" .. json_string(tier) end
         local entries = {}
         local addrs = {}
         for addr in pairs(states[app] or {}) do addrs[addr] = true end
@@ -110,8 +107,8 @@ local function status_json(dict, states, reasons, polled, ejections, now)
     ngx.header["Cache-Control"] = "no-store"
     say('{"now":', now, ',"wait":', conf.wait, ',"grace":', conf.grace, ',"interval":', conf.interval,
             ',"fall":', conf.fall, ',"rise":', conf.rise, ',"ejections_total":', dict:get("stat:ejections") or 0,
-            ',"last_round":', dict:get("stat:round") or "null",
-            ',"appos":{', concat(appos, ","), '},"apps":{', concat(parts, ","), '}}')
+            ',"keep_stale":', conf.keep_stale, ',"last_round":', dict:get("stat:round") or "null",
+            ',"appos":{', concat(appos, ","), '},"open":{', concat(open, ","), '},"apps":{', concat(parts, ","), '}}')
 end
 
 -- The matrix: apps (rows) x APPOs (columns); apps failing open first.
@@ -119,16 +116,18 @@ local function status_html(dict, states, reasons, polled, ejections, now)
     local addrs = {}
     for addr in pairs(polled) do addrs[#addrs + 1] = addr end
     sort(addrs)
-    local fresh = {}
+    local fresh, kept = {}, {}
     local head = { "<tr><th>app</th>" }
     for _, addr in ipairs(addrs) do
         local ok_at = dict:get("ok:" .. addr)
         local err = dict:get("err:" .. addr)
         fresh[addr] = state.is_fresh(dict, addr, now)
+        kept[addr] = fresh[addr] and dict:get("stale:" .. addr) ~= nil
         head[#head + 1] = format('<th class="%s" title="%s">%s<br><span class="small">%s%s</span></th>',
-            fresh[addr] and "ok" or "bad", html_escape(err or ""), html_escape(addr),
+            kept[addr] and "drain" or fresh[addr] and "ok" or "bad", html_escape(err or ""), html_escape(addr),
             ok_at and ("polled " .. age_text(now - ok_at) .. " ago") or "never polled",
-            err and (" &middot; " .. html_escape(err:sub(1, 40))) or "")
+            kept[addr] and " &middot; service silent, Nginx alive: verdicts kept"
+                or err and (" &middot; " .. html_escape(err:sub(1, 40))) or "")
     end
     head[#head + 1] = "</tr>"
     local rows, open_count = {}, 0
@@ -137,7 +136,7 @@ local function status_html(dict, states, reasons, polled, ejections, now)
         for _, peer in ipairs(discovery.upstream_peers(app) or {}) do
             if peer.backup then backup[peer.addr] = true end
         end
-        local usable_count = 0
+        local usable_count, healthy_ejected = 0, 0
         local cells = {}
         for _, addr in ipairs(addrs) do
             local st = per_addr[addr]
@@ -149,8 +148,9 @@ local function status_html(dict, states, reasons, polled, ejections, now)
                 css, words = "unknown", "stale"
             elseif ejections[app] and ejections[app][addr] then
                 css, words = "bad", "ejected: " .. ejections[app][addr].cause
+                if st.healthy then healthy_ejected = healthy_ejected + 1 end
             elseif st.healthy then
-                css, words = "ok", "healthy"
+                css, words = "ok", kept[addr] and "healthy (stale)" or "healthy"
                 usable_count = usable_count + 1
             else
                 css, words = "bad", why or "not reported"
@@ -164,7 +164,9 @@ local function status_html(dict, states, reasons, polled, ejections, now)
         if failing_open then open_count = open_count + 1 end
         rows[#rows + 1] = { open = failing_open, app = app, html = format(
             '<tr data-app="%s"%s><th>%s%s</th>%s</tr>', html_escape(app:lower()), failing_open and ' class="open"' or "",
-            html_escape(app), failing_open and ' <span class="small">failing open</span>' or "",
+            html_escape(app), failing_open and (healthy_ejected > 0
+                and ' <span class="small">failing open to the healthy</span>'
+                or ' <span class="small">failing open to all</span>') or "",
             concat(cells)) }
     end
     sort(rows, function(a, b)
