@@ -21,6 +21,9 @@ from support import IMAGE, LUA_DIR, NGINX_MODULES, ROOT, LoopbackServer, start_n
 APP = "demo"
 NAME = "demo-1700000000"
 INTERVAL, FALL, RISE = 1, 2, 2
+# How long an APPO whose service is silent while its Nginx answers keeps its verdicts, in the
+# test entries that watch it end (the shipped 30 s is kept by the entries of the loss tests).
+KEEP_STALE = 4
 
 
 def _need(binary):
@@ -109,6 +112,10 @@ http {
         listen %(ip)s:%(ngx)d;
         location /container-healthcheck { proxy_pass http://%(ip)s:%(hc)d; proxy_connect_timeout 1s; proxy_read_timeout 7s; }
         location /o/%(app)s/post { proxy_pass http://app/cgi-bin/post; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
+        # one endpoint of the app broken on every APPO (its worker died): this Nginx answers 502
+        location = /o/%(app)s/broken { return 502; }
+        # answered by this Nginx alone (appo-paasagent.conf as shipped)
+        location = /container-healthcheck-alive { access_log off; return 204; }
         location /o/ { proxy_pass http://app; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
         # /t/<app>/: the same app, as an APPT (test-mode host) serves it
         location /t/ { proxy_pass http://app/o/; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
@@ -200,7 +207,7 @@ http {
     init_by_lua_block {
         require("container_healthcheck").init({ appos = { "%(a)s", "%(b)s" },
             interval = %(interval)d, timeout = 0.5, fall = %(fall)d, rise = %(rise)d,
-            eject_memory = %(eject_memory)d })
+            eject_memory = %(eject_memory)d, keep_stale = %(keep_stale)d })
     }
     init_worker_by_lua_block { require("container_healthcheck").init_worker() }
     upstream appo_by_health {
@@ -222,7 +229,7 @@ http {
     }
 }
 """ % {"lua": LUA_DIR, "a": appos[0].addr, "b": appos[1].addr, "port": entry_port,
-       "interval": INTERVAL, "fall": FALL, "rise": RISE, "eject_memory": EJECT_MEMORY})
+       "interval": INTERVAL, "fall": FALL, "rise": RISE, "eject_memory": EJECT_MEMORY, "keep_stale": KEEP_STALE})
     entry = _run_nginx(conf)
     state = {"appos": appos, "entry_port": entry_port, "workdir": workdir}
     traffic = Traffic(entry_port)
@@ -244,27 +251,40 @@ http {
             down.join(90)
 
 
+def _restore(appo):
+    """One APPO back to the usual: its app container running and healthy, no drain, its
+    service up and nothing of it stopped (SIGSTOP) by a test."""
+    pids = ([appo.nginx.pid] + child_pids(appo.nginx.pid) if appo.nginx else []) + \
+        ([appo.service.proc.pid] if appo.service else [])
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except OSError:
+            pass
+    state = appo.docker("inspect", "-f", "{{.State.Status}}", NAME, check=False)
+    if not state:
+        appo.start_app()
+    elif state == "paused":
+        appo.docker("unpause", NAME)
+    elif state != "running":
+        appo.docker("start", NAME)
+    appo.docker("exec", NAME, "rm", "-f", "/tmp/sick", check=False)
+    if not wait_for(lambda: appo.docker("inspect", "-f", "{{.State.Health.Status}}", NAME) == "healthy", 5):
+        # Docker's health monitor can stay at "unhealthy" after a daemon restart with
+        # live-restore (test_21): the container is restarted, as an operator would.
+        appo.docker("restart", "-t", "1", NAME)
+    if os.path.exists(os.path.join(appo.state_dir, "drain.json")):
+        os.unlink(os.path.join(appo.state_dir, "drain.json"))
+    if appo.service is None:
+        appo.start_service()
+
+
 @pytest.fixture
 def healthy(cluster):
     """Each test starts from the same state, so any one can run alone (`-k`) or in any order:
     both app containers running and healthy, both health services up, traffic on both."""
     for appo in cluster["appos"]:
-        state = appo.docker("inspect", "-f", "{{.State.Status}}", NAME, check=False)
-        if not state:
-            appo.start_app()
-        elif state == "paused":
-            appo.docker("unpause", NAME)
-        elif state != "running":
-            appo.docker("start", NAME)
-        appo.docker("exec", NAME, "rm", "-f", "/tmp/sick", check=False)
-        if not wait_for(lambda: appo.docker("inspect", "-f", "{{.State.Health.Status}}", NAME) == "healthy", 5):
-            # Docker's health monitor can stay at "unhealthy" after a daemon restart with
-            # live-restore (test_21): the container is restarted, as an operator would.
-            appo.docker("restart", "-t", "1", NAME)
-        if os.path.exists(os.path.join(appo.state_dir, "drain.json")):
-            os.unlink(os.path.join(appo.state_dir, "drain.json"))
-        if appo.service is None:
-            appo.start_service()
+        _restore(appo)
     port, addrs = cluster["entry_port"], [appo.addr for appo in cluster["appos"]]
     assert wait_for(lambda: all(usable_at(port, APP, addr) for addr in addrs), 40), \
         "the cluster did not come back to both APPOs serving: %s" % entry_status(port)
@@ -334,16 +354,25 @@ def test_3_restarted_container_gets_traffic_back(healthy):
     assert served_by(records) == {"appo2", "appo3"} and not failures(records)
 
 
-def test_4_health_service_down_means_appo_down_and_all_down_fails_open(healthy):
+def test_4_a_silent_service_keeps_its_verdicts_for_keep_stale_then_its_appo_is_out_and_all_down_fails_open(healthy):
+    """A's service stops while A's Nginx and app serve users: A keeps its share, its verdicts
+    shown stale, for keep_stale seconds after its last answer; then A is out. With both out,
+    the entry fails open to both."""
     cluster = healthy
     appo2, appo3 = cluster["appos"]
     port = cluster["entry_port"]
     appo2.stop_service()
-    assert wait_for(lambda: not entry_status(port)["appos"][appo2.addr]["fresh"], 10)
+    stopped = time.monotonic()
+    assert wait_for(lambda: entry_status(port)["appos"][appo2.addr]["stale_since"] is not None, 10)
+    assert entry_status(port)["appos"][appo2.addr]["up"] is False  # its feed is down, and said so
+    kept = observe(cluster["traffic"], 60)
+    assert served_by(kept) == {"appo2", "appo3"} and not failures(kept), failures(kept)[:5]
+    assert wait_for(lambda: not entry_status(port)["appos"][appo2.addr]["fresh"], KEEP_STALE + 10)
+    assert time.monotonic() - stopped > KEEP_STALE - 1.5  # not before its last answer was keep_stale old
     after = observe(cluster["traffic"], 100)
     assert served_by(after) == {"appo3"} and not failures(after)
     appo3.stop_service()
-    assert wait_for(lambda: all_stale(port), 10)
+    assert wait_for(lambda: all_stale(port), KEEP_STALE + 10)
     open_records = observe(cluster["traffic"], 150)
     assert not failures(open_records), failures(open_records)[:5]
     assert served_by(open_records) == {"appo2", "appo3"}
@@ -527,12 +556,14 @@ location / {
 """
 
 
-SHIPPED_TIMING = "wait = 1, grace = 0.5, interval = 2, timeout = 1, fall = 2, rise = 2,"
+SHIPPED_TIMING = "wait = 1, grace = 0.5, keep_stale = 30, interval = 2, timeout = 1, fall = 2, rise = 2,"
 # EJECT_MEMORY: a test's ejections are forgotten before the next test, so that no test's
 # hold depends on which tests ran before it (the backoff itself: tests/lua/test_units.lua).
 EJECT_MEMORY = 2
-TEST_TIMING = "wait = 1, grace = 0.5, interval = %d, timeout = 0.5, fall = %d, rise = %d, eject_memory = %d," % (
-    INTERVAL, FALL, RISE, EJECT_MEMORY)
+TEST_TIMING = ("wait = 1, grace = 0.5, keep_stale = %d, interval = %d, timeout = 0.5, fall = %d, rise = %d, "
+               "eject_memory = %d,") % (KEEP_STALE, INTERVAL, FALL, RISE, EJECT_MEMORY)
+# The loss tests' entries keep the shipped keep_stale: a hung or restarting service lives through it.
+LOSS_TIMING = TEST_TIMING.replace("keep_stale = %d," % KEEP_STALE, "keep_stale = 30,")
 
 
 BK5_PAAS_CONF = """
@@ -547,7 +578,8 @@ BK6_APP_LOCATIONS = r"location ~ \^/t/\(\[\^/\]\+\) \{.*?\n\}\nlocation ~ \^/o/\
 BK5_APP_LOCATION = r"location ~ \^/o/ \{.*?\n\}\n"
 
 
-def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", replace=BK6_APP_LOCATIONS):
+def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", replace=BK6_APP_LOCATIONS,
+                       timing=TEST_TIMING):
     """What README tells an operator to do to BlueKing's files, done by text: the module's
     folder added to the existing lua_package_path, entry-http.conf included in http { }, and
     BlueKing's /t/ and /o/ locations replaced by entry-paas.conf. The snippets are used as
@@ -555,7 +587,7 @@ def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", 
     nginx_conf = nginx_conf.replace('lua_package_path "', 'lua_package_path "%s/?.lua;%s/?/init.lua;' % (LUA_DIR, LUA_DIR), 1)
     http = open(os.path.join(snippets, "entry-http.conf")).read()
     assert SHIPPED_TIMING in http
-    http = http.replace(SHIPPED_TIMING, TEST_TIMING + " " + extra_init, 1)
+    http = http.replace(SHIPPED_TIMING, timing + " " + extra_init, 1)
     http_path = os.path.join(workdir, "container-healthcheck-http.conf")
     with open(http_path, "w") as handle:
         handle.write(http)
@@ -604,14 +636,14 @@ def _run_nginx_with_hosts(conf, hosts_text, workdir):
     return start_nginx(conf, env={"NGX_UPSTREAM_DOUBLE_CONF": conf}, hosts=hosts)
 
 
-def start_bk_entry(workdir, label, app_upstream, values, hosts_text, extra_init="", edit=None):
+def start_bk_entry(workdir, label, app_upstream, values, hosts_text, extra_init="", edit=None, timing=TEST_TIMING):
     """A replica of BlueKing 6.x's entry (nginx.conf, paas.conf, consul's app_upstream.conf) with
     README's steps applied, ngx.upstream from its double; edit(nginx_conf, paas_conf) may
     change the result. Returns (process, error log)."""
     with open(os.path.join(workdir, "app_upstream.conf"), "w") as handle:
         handle.write(app_upstream)
     nginx_conf, paas_conf = apply_readme_steps(workdir, BK_NGINX_CONF % values, BK_PAAS_CONF, LUA_DIR,
-                                               extra_init=extra_init)
+                                               extra_init=extra_init, timing=timing)
     if edit is not None:
         nginx_conf, paas_conf = edit(nginx_conf, paas_conf)
     with open(os.path.join(workdir, "paas.conf"), "w") as handle:
@@ -701,7 +733,7 @@ def test_9_openresty_path_fails_open_quietly(healthy, bk_entry):
     appo3.stop_service()
     both = time.monotonic()
     log_before = open(bk["error_log"]).read().count("failing open")
-    assert wait_for(lambda: all_stale(bk["port"]), 10)
+    assert wait_for(lambda: all_stale(bk["port"]), KEEP_STALE + 10)
     open_records = observe(bk["o"], 200)
     assert not failures(open_records), failures(open_records)[:5]
     seconds = time.monotonic() - both
@@ -729,7 +761,15 @@ def test_10_openresty_path_polls_only_appos_and_never_errors(healthy, bk_entry):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with pytest.raises(urllib.error.HTTPError) as info:
         opener.open("http://127.0.0.1:%d/t/gone/" % bk["port"], timeout=5)
-    assert info.value.code in (500, 502)
+    assert info.value.code == 502
+    # An app nginx has no upstream for: nginx's own 502, as without the Lua; never a 500; and
+    # the invented names leave nothing behind (no registry entry, no key).
+    for number in range(50):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("http://127.0.0.1:%d/o/invented%d/" % (bk["port"], number), timeout=5)
+        assert info.value.code == 502
+    status = entry_status(bk["port"])
+    assert not any(app.startswith("invented") for app in status["apps"]), status["apps"]
     assert _rounds_later(bk["port"])
     assert bk["down"].connections == 0
     # (no Lua error over the whole run: checked when the entry stops, whatever the order)
@@ -943,11 +983,14 @@ class Load(object):
             pacer.join(5)
 
 
-@pytest.fixture(scope="module")
-def loss_entry(cluster):
-    appo2, appo3, workdir = _bk_entry_setting(cluster, "loss")
+def _entry_under_load(cluster, name, upstream, appos):
+    """An entry as an operator's platform has it (BlueKing 6.x's per-app upstream with the
+    shipped snippets and keep_stale), logging every request, under steady GET + POST load.
+    Yields its state; stops it afterwards (no Lua error may have been logged)."""
+    _, _, workdir = _bk_entry_setting(cluster, name)
     port = free_port()
-    values = {"dir": workdir, "paas": free_port(), "port": port, "app": APP, "a": appo2.addr, "b": appo3.addr}
+    values = {"dir": workdir, "paas": free_port(), "port": port, "app": APP}
+    values.update({key: appo.addr for key, appo in zip("abc", appos)})
     access_log = os.path.join(workdir, "entry-access.log")
 
     def with_log_and_read_timeout(nginx_conf, paas_conf):
@@ -957,15 +1000,20 @@ def loss_entry(cluster):
         paas_conf = paas_conf.replace("include %s/entry-paas.conf;" % LUA_DIR, snippet.replace(
             "proxy_connect_timeout 3;", "proxy_connect_timeout 3;\n    " + READ_TIMEOUT))
         return nginx_conf, paas_conf
-    proc, error_log = start_bk_entry(workdir, "loss", LOSS_UPSTREAM % values, values, "127.0.0.1 localhost\n",
-                                     extra_init=LOSS_EXTRA_INIT, edit=with_log_and_read_timeout)
+    proc, error_log = start_bk_entry(workdir, name, upstream % values, values, "127.0.0.1 localhost\n",
+                                     extra_init=LOSS_EXTRA_INIT, edit=with_log_and_read_timeout, timing=LOSS_TIMING)
     state = {"port": port, "proc": proc, "workdir": workdir, "access_log": access_log,
-             "appo_addrs": [appo2.addr, appo3.addr], "error_log": error_log, "load": Load(port)}
+             "appo_addrs": [appo.addr for appo in appos], "error_log": error_log, "load": Load(port)}
     try:
         yield state
     finally:
         state["load"].stop()
         stop_bk_entry(proc, error_log)
+
+
+@pytest.fixture(scope="module")
+def loss_entry(cluster):
+    yield from _entry_under_load(cluster, "loss", LOSS_UPSTREAM, cluster["appos"])
 
 
 def _attempts_at(access_log, addr, since_wall):
@@ -981,8 +1029,8 @@ def _attempts_at(access_log, addr, since_wall):
 
 
 def _both_serving(entry):
-    """The entry would send the app's requests to either APPO."""
-    return usable_at(entry["port"], APP, entry["appo_addrs"][0]) and usable_at(entry["port"], APP, entry["appo_addrs"][1])
+    """The entry would send the app's requests to every one of its APPOs."""
+    return all(usable_at(entry["port"], APP, addr) for addr in entry["appo_addrs"])
 
 
 def trial(entry, name, event, watch_s, restore=None):
@@ -1014,11 +1062,7 @@ def loss(healthy, loss_entry):
     """Back to both APPOs serving the app (the healthy fixture), with the loss entry up."""
     yield loss_entry
     for appo in healthy["appos"]:
-        for pid in [appo.nginx.pid] + child_pids(appo.nginx.pid) + ([appo.service.proc.pid] if appo.service else []):
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except OSError:
-                pass
+        _restore(appo)
 
 
 def test_16_container_killed_costs_no_get_and_at_most_one_post(healthy, loss):
@@ -1151,3 +1195,173 @@ def test_24_appo_refusing_connections_loses_nothing(healthy, loss):
         appo2.start_nginx()
         appo2.start_service()
     _no_loss(loss, "APPO refusing (nginx and service stopped)", stop_appo, 4, restore=start_appo)
+
+
+# ---- Issue 24: never hurt a healthy app. Capacity, with a third APPO ----
+#
+# The same entry as the loss tests, on an app upstream of three APPOs: events where nothing
+# users reach is wrong (one endpoint broken everywhere, a hung or restarting health service)
+# must not take capacity out, and must not let a real death cost more than before.
+
+CAPACITY_UPSTREAM = """
+upstream %(app)s {
+    server %(a)s max_fails=1 fail_timeout=30s;
+    server %(b)s max_fails=1 fail_timeout=30s;
+    server %(c)s max_fails=1 fail_timeout=30s;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def third_appo(cluster):
+    """A third APPO (127.0.0.4: its own dockerd, app container, service and APPO Nginx)."""
+    first = cluster["appos"][0]
+    appo = Appo(4, cluster["workdir"], first.ngx_port, first.hc_port)
+    try:
+        appo.start_app()
+        appo.start_service()
+        appo.start_nginx()
+        yield appo
+    finally:
+        appo.stop_service()
+        if appo.nginx:
+            stop_nginx(appo.nginx)
+        appo.docker("rm", "-f", NAME, check=False)
+        appo.dockerd_down()
+
+
+@pytest.fixture(scope="module")
+def capacity_entry(cluster, third_appo):
+    yield from _entry_under_load(cluster, "capacity", CAPACITY_UPSTREAM, cluster["appos"] + [third_appo])
+
+
+@pytest.fixture
+def three(healthy, third_appo, capacity_entry):
+    """All three APPOs serving the app through the capacity entry."""
+    _restore(third_appo)
+    assert wait_for(lambda: _both_serving(capacity_entry), 40), entry_status(capacity_entry["port"])
+    yield capacity_entry
+    for appo in healthy["appos"] + [third_appo]:
+        _restore(appo)
+
+
+class Caller(object):
+    """One client calling one URL at a steady rate (a page's broken widget): its statuses."""
+
+    def __init__(self, port, path, every_s=1.0):
+        self.url = "http://127.0.0.1:%d%s" % (port, path)
+        self.statuses = []
+        self._stop = threading.Event()
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s):
+        while not self._stop.is_set():
+            try:
+                with self._opener.open(self.url, timeout=10) as response:
+                    self.statuses.append(response.status)
+            except urllib.error.HTTPError as exc:
+                self.statuses.append(exc.code)
+            except Exception:  # a timeout or reset: counted as 0
+                self.statuses.append(0)
+            self._stop.wait(every_s)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(15)
+
+
+def _window(load, seconds):
+    """Let the steady load run for `seconds` worth of requests (50 a second): (start, end)."""
+    start = time.monotonic()
+    assert wait_for(lambda: len(load.between(start, time.monotonic())) >= seconds * 50, seconds * 4 + 10)
+    return start, time.monotonic()
+
+
+def _shares(records, labels):
+    """Each APPO's share (percent) of the requests that got an answer, by the label it answered."""
+    served = [r[3] for r in records if r[2] == 200]
+    return {label: 100.0 * served.count(label) / max(1, len(served)) for label in labels}
+
+
+def _failed(records, method):
+    return [r for r in records if r[1] == method and r[2] != 200]
+
+
+def test_25_one_endpoint_broken_everywhere_takes_no_appo_out_then_a_dead_container_costs_at_most_one_post(
+        healthy, third_appo, three):
+    entry = three
+    load = entry["load"]
+    appo2 = healthy["appos"][0]
+    labels = ["appo2", "appo3", "appo4"]
+    buggy = Caller(entry["port"], "/o/%s/broken" % APP)
+    try:
+        start, end = _window(load, 10)
+        assert wait_for(lambda: load.settled(end), 30)
+        buggy_phase = load.between(start, end)
+        shares = _shares(buggy_phase, labels)
+        print("\nbroken endpoint (502 on every APPO, 1 call/s), %d calls: GET failed %d / %d, POST failed %d / %d, "
+              "shares %s" % (len(buggy.statuses), len(_failed(buggy_phase, "GET")),
+                             len([r for r in buggy_phase if r[1] == "GET"]), len(_failed(buggy_phase, "POST")),
+                             len([r for r in buggy_phase if r[1] == "POST"]),
+                             ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
+        assert buggy.statuses and set(buggy.statuses) == {502}  # the endpoint's own failure, every time
+        assert _failed(buggy_phase, "GET") == [] and _failed(buggy_phase, "POST") == []
+        assert all(share >= 20 for share in shares.values()), shares
+        killed = time.monotonic()
+        appo2.docker("kill", NAME)
+        _, after_end = _window(load, 5)
+        assert wait_for(lambda: load.settled(after_end), 30)
+        after = load.between(killed, after_end)
+        get_failed, post_failed = _failed(after, "GET"), _failed(after, "POST")
+        print("then A's container killed: GET failed %d / %d, POST failed %d / %d" % (
+            len(get_failed), len([r for r in after if r[1] == "GET"]), len(post_failed),
+            len([r for r in after if r[1] == "POST"])))
+        assert get_failed == [] and len(post_failed) <= 1, (get_failed, post_failed)
+    finally:
+        buggy.stop()
+
+
+def _share_gap(records, labels, mine):
+    shares = _shares(records, labels)
+    others = [share for label, share in shares.items() if label != mine]
+    return shares, abs(shares[mine] - sum(others) / len(others))
+
+
+def test_26_a_hung_or_restarting_health_service_keeps_its_appo_s_share(healthy, third_appo, three):
+    entry = three
+    load = entry["load"]
+    appo2 = healthy["appos"][0]
+    labels = ["appo2", "appo3", "appo4"]
+    os.kill(appo2.service.proc.pid, signal.SIGSTOP)  # the service hangs; A's Nginx and app serve
+    try:
+        assert wait_for(lambda: entry_status(entry["port"])["appos"][appo2.addr]["stale_since"] is not None, 10)
+        start, end = _window(load, 8)
+        assert entry_status(entry["port"])["appos"][appo2.addr]["fresh"]  # still in, verdicts kept
+    finally:
+        os.kill(appo2.service.proc.pid, signal.SIGCONT)
+    assert wait_for(lambda: load.settled(end), 30)
+    hung = load.between(start, end)
+    shares, gap = _share_gap(hung, labels, "appo2")
+    print("\nA's health service hung (SIGSTOP) 8 s: GET failed %d, POST failed %d, shares %s" % (
+        len(_failed(hung, "GET")), len(_failed(hung, "POST")),
+        ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
+    assert _failed(hung, "GET") == [] and _failed(hung, "POST") == []
+    assert gap <= 10, shares
+    assert wait_for(lambda: entry_status(entry["port"])["appos"][appo2.addr]["stale_since"] is None, 15)
+
+    def restart():
+        appo2.stop_service()
+        appo2.start_service()
+    start = time.monotonic()
+    restart()
+    _, end = _window(load, 3)
+    assert wait_for(lambda: load.settled(end), 30)
+    restarted = load.between(start, end)
+    shares, gap = _share_gap(restarted, labels, "appo2")
+    print("A's health service restarted: GET failed %d, POST failed %d, shares %s" % (
+        len(_failed(restarted, "GET")), len(_failed(restarted, "POST")),
+        ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
+    assert _failed(restarted, "GET") == [] and _failed(restarted, "POST") == []
+    assert gap <= 10, shares
