@@ -49,7 +49,7 @@ class Service(object):
                                     on_up=self.snapshotter.set_events_up) if events else None
         if feed_waiters is not None:
             self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_evidence, feed_waiters,
-                             watch=self.drains.current)
+                             watch=self.drains.current, settle_s=args.probe_timeout + 0.5 if self.prober else 0.0)
         metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages,
                             (lambda: self.feed.holding) if self.feed is not None else None)
 

@@ -124,15 +124,20 @@ class Feed(object):
     watch(): something cheap whose identity changes when answers may (the drain state), looked
     at every tick_s; everything is rebuilt at least every full_s (a list going stale).
     The builder runs only while someone read the feed within idle_s: no entry, no cost.
+    settle_s: for this long after start, verdicts resting on a probe that has not finished yet
+    are not published: a restarted service says nothing (its entries keep its last verdicts)
+    rather than "unhealthy, first probe pending" for every app.
     """
 
     def __init__(self, view_of, probe_evidence, max_waiters=8, tick_s=0.5, idle_s=30.0, clock=time.monotonic,
-                 watch=None, full_s=5.0):
+                 watch=None, full_s=5.0, settle_s=0.0):
         self._view_of = view_of
         self._probe_evidence = probe_evidence
         self._watch = watch
         self._watched = None
         self._full_s = full_s
+        self._settle_s = settle_s
+        self._settle_until = None
         self._built_at = None
         self._tick_s = tick_s
         self._idle_s = idle_s
@@ -153,6 +158,7 @@ class Feed(object):
         self._thread = threading.Thread(target=self._run, name="feed", daemon=True)
 
     def start(self):
+        self._settle_until = self._clock() + self._settle_s
         self._thread.start()
         return self
 
@@ -237,10 +243,19 @@ class Feed(object):
                 self._built_at = now
                 self._build()
 
+    def _settling(self, view):
+        """Nothing published yet, still within settle_s, and some verdict rests on a probe
+        that has not finished: wait for it."""
+        return (self._verdicts is None and self._settle_until is not None and self._clock() < self._settle_until
+                and any(r.probe is not None and r.probe.is_pending for r in view.reports))
+
     def _build(self):
         verdicts, evidence, stale_s, error = None, {}, None, None
         try:
             view = self._view_of()
+            if self._settling(view):
+                self._built_at = None  # again at the next tick, or when a probe finishes (poke)
+                return
             evidence = evidence_of(view, self._probe_evidence(), self._clock())
             verdicts, stale_s = verdicts_of(view), view.stale_s
         except errors.DockerError as exc:

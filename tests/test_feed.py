@@ -204,3 +204,39 @@ def test_a_probe_that_changed_during_the_build_has_an_unknown_age():
         assert feed.answer(None, 0).ages == {"a": UNKNOWN_AGE}
     finally:
         feed.stop()
+
+
+def test_a_starting_service_publishes_no_verdict_that_waits_for_its_first_probe():
+    """Restarted, the service would say "unhealthy, first probe pending" for every app and take
+    its APPO out for a moment; it waits (at most settle_s) for the first probes instead."""
+    pending = ProbeResult.pending("http://127.0.0.1:8010/o/a/")
+    healthy = ProbeResult(True, "http://127.0.0.1:8010/o/a/", 200, None)
+    views, clock = Views(), FakeClock()
+    views.probes["a"] = pending
+    views.apps["a"] = (False, "probe pending")
+    feed = Feed(views, dict, tick_s=0.01, clock=clock, settle_s=2.5).start()
+    try:
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(feed.answer(None, 0)))
+        waiter.start()
+        calls = views.calls
+        assert until(lambda: views.calls >= calls + 3)  # built, and held back, again and again
+        assert not answers
+        views.probes["a"], views.apps["a"] = healthy, (True, "")
+        feed.poke()
+        waiter.join(5)
+        assert answers and answers[0].verdicts == (Verdict("a", True, ""),)
+    finally:
+        feed.stop()
+
+
+def test_settling_ends_after_settle_s_whatever_the_probes():
+    views, clock = Views(), FakeClock()
+    views.probes["a"] = ProbeResult.pending("http://127.0.0.1:8010/o/a/")
+    views.apps["a"] = (False, "probe pending")
+    feed = Feed(views, dict, tick_s=0.01, clock=clock, settle_s=2.5).start()
+    try:
+        clock.now += 3
+        assert feed.answer(None, 0).verdicts == (Verdict("a", False, "probe pending"),)
+    finally:
+        feed.stop()
