@@ -16,7 +16,7 @@ from healthcheck.events import EventsWatcher
 from healthcheck.feed import Feed
 from healthcheck.matching import NamePattern, validate_app_code
 from healthcheck.metrics import Metrics
-from healthcheck.probe import probe_app, probe_url
+from healthcheck.probe_loop import ProbeLoop
 from healthcheck.prober import Prober
 from healthcheck.render import Renderer, render_error, reports_from_apps_answer
 from healthcheck.snapshot import Snapshotter
@@ -78,8 +78,9 @@ class Service(object):
 
 
 def _make_prober(args, metrics, ttl_s, workers, on_change):
-    def probe(app):
-        return probe_app(app, args.ngx_port, args.probe_timeout, args.probe_bad_status, args.ngx_host)
+    """Probes from one thread over at most `workers` keep-alive connections to the APPO Nginx."""
+    loop = ProbeLoop(args.ngx_host, args.ngx_port, args.probe_timeout, args.probe_bad_status,
+                     max_connections=workers)
 
     def observe(app, result, changed):
         metrics.probe_done(result)
@@ -88,8 +89,7 @@ def _make_prober(args, metrics, ttl_s, workers, on_change):
             if not result.ok:
                 log.warning("probe for %s: %s", app, result.describe())
 
-    return Prober(probe, ttl_s, workers, observe=observe,
-                  url_of=lambda app: probe_url(app, args.ngx_port, args.ngx_host))
+    return Prober(loop, ttl_s, workers, observe=observe, url_of=loop.url_of)
 
 
 def serve(args):

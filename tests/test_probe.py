@@ -1,90 +1,63 @@
-"""The probe against real loopback servers: statuses, refusals, hangs, resets, huge bodies."""
+"""The probe's definition: the request sent, and the result each outcome is (the sending is
+tests/test_probe_loop.py's)."""
+import errno
 import socket
-import struct
-import time
 
 import pytest
 
-from healthcheck.probe import probe_app
-from support import LoopbackServer, StatusServer, free_port
+from healthcheck import __version__
+from healthcheck.probe import (DEFAULT_BAD_STATUSES, answered, bad_answer, crashed, failed, probe_request, probe_url,
+                               timed_out)
+
+URL = "http://127.0.0.1:8010/o/bk_iam/"
+
+
+def test_the_request_keeps_the_connection_open_and_asks_the_app_route():
+    request = probe_request("bk_iam", 8010)
+    assert request == ("GET /o/bk_iam/ HTTP/1.1\r\nHost: localhost:8010\r\nUser-Agent: container-healthcheck/%s\r\n"
+                       "Accept: */*\r\n\r\n" % __version__).encode("ascii")
+    assert b"close" not in request.lower()
+
+
+def test_url():
+    assert probe_url("bk_iam", 8010) == URL
+    assert probe_url("a", 80, "127.0.0.2") == "http://127.0.0.2:80/o/a/"
 
 
 @pytest.mark.parametrize("status,ok", [(200, True), (302, True), (404, True), (500, True),
                                        (502, False), (503, False), (504, False)])
 def test_status_decides(status, ok):
-    server = StatusServer(status, headers=[("Location", "http://127.0.0.1:1/elsewhere")])
-    try:
-        result = probe_app("bk_iam", server.port, 2.0)
-        assert result.ok is ok and result.status == status
-        assert server.paths == ["/o/bk_iam/"]  # no redirect followed
-    finally:
-        server.close()
+    result = answered(URL, status)
+    assert (result.ok, result.status, result.error, result.failure) == (ok, status, None, None)
+    assert result.describe() == "GET %s answered %d" % (URL, status)
 
 
 def test_bad_statuses_are_configurable():
-    server = StatusServer(404)
-    try:
-        assert not probe_app("a", server.port, 2.0, bad_statuses=(404,)).ok
-    finally:
-        server.close()
+    assert DEFAULT_BAD_STATUSES == (502, 503, 504)
+    assert not answered(URL, 404, bad_statuses=(404,)).ok
+    assert answered(URL, 502, bad_statuses=(404,)).ok
 
 
-def test_refused():
-    result = probe_app("a", free_port(), 2.0)
-    assert not result.ok and result.error == "connection refused" and result.failure == "refused"
-    assert "refused" in result.describe()
+@pytest.mark.parametrize("exc,words,kind", [
+    (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused", "refused"),
+    (OSError(errno.ECONNREFUSED, "Connection refused"), "connection refused", "refused"),
+    (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "connection reset", "reset"),
+    (BrokenPipeError(errno.EPIPE, "Broken pipe"), "connection reset", "reset"),
+    (OSError(errno.EHOSTUNREACH, "No route to host"), "No route to host", "error"),
+    (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "Name or service not known", "error"),
+])
+def test_errors_are_unhealthy_results_of_their_kind(exc, words, kind):
+    result = failed(URL, exc)
+    assert (result.ok, result.status, result.error, result.failure) == (False, None, words, kind)
+    assert result.describe() == "GET %s failed: %s" % (URL, words)
 
 
-def test_hang_is_bounded_by_the_timeout():
-    listener = LoopbackServer(handle=lambda conn: time.sleep(10))
-    started = time.monotonic()
-    result = probe_app("a", listener.port, 0.5)
-    assert time.monotonic() - started < 1.5
-    assert not result.ok and "timed out" in result.error and result.failure == "timeout"
-    listener.close()
-
-
-def test_slow_drip_is_bounded_by_the_timeout():
-    def drip(conn):
-        try:
-            for byte in b"HTTP/1.1 200":
-                conn.sendall(bytes([byte]))
-                time.sleep(0.2)
-        except OSError:
-            pass  # the probe gave up and closed: what this test wants
-    listener = LoopbackServer(handle=drip)
-    started = time.monotonic()
-    result = probe_app("a", listener.port, 0.5)
-    assert time.monotonic() - started < 1.5 and not result.ok
-    listener.close()
-
-
-def test_reset_is_not_ok():
-    def reset(conn):
-        conn.recv(100)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
-    listener = LoopbackServer(handle=reset)
-    result = probe_app("a", listener.port, 2.0)
-    assert not result.ok and result.error and result.failure in ("reset", "bad_answer")
-    listener.close()
-
-
-def test_garbage_answer_is_not_ok():
-    listener = LoopbackServer(handle=lambda conn: (conn.recv(100), conn.sendall(b"SSH-2.0-OpenSSH\r\n"), conn.close()))
-    result = probe_app("a", listener.port, 2.0)
-    assert not result.ok and "not an HTTP answer" in result.error and result.failure == "bad_answer"
-    listener.close()
-
-
-def test_huge_body_is_not_read():
-    server = StatusServer(200, body=b"x" * (10 * 1024 * 1024))
-    try:
-        started = time.monotonic()
-        result = probe_app("a", server.port, 2.0)
-        assert result.ok and time.monotonic() - started < 1.0
-    finally:
-        server.close()
+def test_timeout_bad_answer_and_crash_words():
+    assert timed_out(URL, 2.0)[2:] == (None, "timed out after 2s", "timeout")
+    assert timed_out(URL, 0.5).error == "timed out after 0.5s"
+    assert bad_answer(URL, "not an HTTP answer: b'SSH'")[2:] == (None, "not an HTTP answer: b'SSH'", "bad_answer")
+    result = crashed(URL, ValueError("bad probe"))
+    assert (result.ok, result.error, result.failure) == (False, "probe crashed: ValueError: bad probe", "crashed")
 
 
 def test_metrics_count_probes_by_their_kind_not_their_words():

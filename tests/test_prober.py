@@ -1,15 +1,19 @@
-"""The background prober: probes off the request path, bounded, crash-safe (fake clock), then
-in the service against a real engine and a stub APPO Nginx that can hang."""
+"""The background prober: probes off the request path, bounded, crash-safe (fake clock, plain
+probe calls on worker threads), then on its loop engine against a real nginx, then in the
+service against a real engine and a stub APPO Nginx that can hang, and a real nginx."""
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from healthcheck.models import ProbeResult
+from healthcheck.probe_loop import ProbeLoop
 from healthcheck.prober import Prober
-from support import (COUNTING_DOCKER, FakeClock, Service, StatusServer, http, name_for, unique_app, until,
+from support import (COUNTING_DOCKER, PREFIX, FakeClock, Service, StatusServer, http, name_for, unique_app, until,
                      wait_for)
+from test_probe_loop import make_nginx  # noqa: F401 (a fixture: a real nginx on a loopback port)
 
 
 def ok(app):
@@ -184,6 +188,164 @@ def test_an_app_that_stops_serving_is_forgotten_at_once():
         prober.stop()
 
 
+# The prober on its loop engine (what the service runs): a real nginx on a loopback port.
+
+def loop_prober(nginx, clock, **kwargs):
+    """A Prober over a ProbeLoop to nginx: (prober, loop, observed), observed being the
+    (app, result, changed) of every probe."""
+    loop = ProbeLoop("127.0.0.1", nginx.port, timeout_s=kwargs.pop("timeout_s", 2.0),
+                     max_connections=kwargs.get("workers", 32))
+    observed = []
+    prober = Prober(loop, clock=clock, observe=lambda *seen: observed.append(seen), url_of=loop.url_of,
+                    **kwargs).start()
+    return prober, loop, observed
+
+
+def probed_again(prober, clock, app, step_s):
+    """Move the fake clock a probe interval on and wait until app's probe after it finished
+    (its age is 0 again: results are stamped with the fake time)."""
+    clock.now += step_s
+    return until(lambda: prober.known()[app][1] == 0.0)
+
+
+def test_the_loop_engine_keeps_the_result_object_and_one_connection(make_nginx):
+    clock = FakeClock()
+    prober, loop, observed = loop_prober(make_nginx(), clock, ttl_s=0.1)
+    try:
+        assert prober.result_for("a", "c1") is None
+        first = prober.wait_for("a", "c1", 5)
+        assert first.ok and first.status == 200 and first.url == loop.url_of("a")
+        for _ in range(5):
+            assert probed_again(prober, clock, "a", 0.1)
+            assert prober.result_for("a", "c1") is first  # equal result: the same object
+        assert len(observed) == 6 and [changed for _, _, changed in observed] == [True] + [False] * 5
+        assert loop.opened == 1
+    finally:
+        prober.stop()
+
+
+class AppProcess(object):
+    """An app's uwsgi behind nginx: answers 200 until killed, then its port is closed (nginx
+    answers 502 for the app)."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+        self._server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def kill(self):
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def test_an_app_process_that_dies_is_the_next_probes_result(make_nginx):
+    uwsgi = AppProcess()
+    nginx = make_nginx(proxied={"app": uwsgi.port})
+    clock = FakeClock()
+    prober, loop, observed = loop_prober(nginx, clock, ttl_s=0.1)
+    try:
+        prober.result_for("app", "c1")
+        assert prober.wait_for("app", "c1", 5).ok
+        uwsgi.kill()  # nginx now answers 502 for the app
+        assert probed_again(prober, clock, "app", 0.1)
+        result = prober.result_for("app", "c1")
+        assert not result.ok and result.status == 502
+        assert observed[-1] == ("app", result, True)
+    finally:
+        uwsgi.kill()
+        prober.stop()
+
+
+def test_on_the_loop_a_probe_that_crashes_is_unhealthy_and_the_others_go_on(make_nginx):
+    prober, loop, observed = loop_prober(make_nginx(), FakeClock(), ttl_s=60)
+    try:
+        prober.result_for(u"caf\u00e9", "c1")  # its request cannot be built
+        prober.result_for("a", "c1")
+        crashed = prober.wait_for(u"caf\u00e9", "c1", 5)
+        assert not crashed.ok and crashed.failure == "crashed"
+        assert prober.wait_for("a", "c1", 5).ok
+    finally:
+        prober.stop()
+
+
+def test_on_the_loop_a_hung_probe_delays_nobody(make_nginx):
+    held = threading.Event()
+    hung_uwsgi = StatusServer(200)
+    hung_uwsgi.handle = lambda conn: held.wait(10)
+    nginx = make_nginx(proxied={"hung": hung_uwsgi.port})
+    prober, loop, observed = loop_prober(nginx, FakeClock(), ttl_s=60, timeout_s=30, workers=2)
+    try:
+        prober.result_for("hung", "h")
+        for number in range(10):
+            prober.result_for("fast%d" % number, "f")
+        for number in range(10):
+            assert prober.wait_for("fast%d" % number, "f", 5).ok
+        assert prober.result_for("hung", "h") is None  # still running: no result yet
+    finally:
+        held.set()
+        hung_uwsgi.close()
+        prober.stop()
+
+
+class BrokenOnce(object):
+    """An engine whose first wait fails (a bug in the loop itself): the prober must end the
+    probes it holds as crashed and go on. Probes answer 200 from the next wait on."""
+
+    def __init__(self):
+        self.pending = []
+        self.failed = False
+        self._woken = threading.Event()
+
+    def submit(self, app, done):
+        self.pending.append((app, done))
+
+    def run_once(self, timeout_s=None):
+        if self.pending and not self.failed:
+            self.failed = True
+            raise RuntimeError("the loop broke")
+        for app, done in self.pending:
+            done(ProbeResult(True, "/o/%s/" % app, 200, None))
+        self.pending = []
+        self._woken.wait(timeout_s if timeout_s is not None else 0.05)
+        self._woken.clear()
+
+    def wake(self):
+        self._woken.set()
+
+    def abort(self, exc):
+        from healthcheck.prober import crashed_result
+        for app, done in self.pending:
+            done(crashed_result("/o/%s/" % app, exc))
+        self.pending = []
+
+    def close(self):
+        self.pending = []
+
+
+def test_an_error_of_the_loop_itself_ends_its_probes_as_crashed_and_the_loop_goes_on():
+    clock = FakeClock()
+    prober = Prober(BrokenOnce(), ttl_s=0.1, clock=clock).start()
+    try:
+        prober.result_for("a", "c1")
+        result = prober.wait_for("a", "c1", 5)
+        assert not result.ok and result.failure == "crashed" and "the loop broke" in result.error
+        clock.now += 0.1
+        assert until(lambda: prober.result_for("a", "c1").ok)
+    finally:
+        prober.stop()
+
+
 # The prober in the service: a real engine, a stub APPO Nginx.
 
 class StubNginx(StatusServer):
@@ -310,3 +472,26 @@ def test_metrics_triggers_no_probe_and_no_docker_call(docker_engine, docker, stu
     assert stub.count(other) == 0
     ages = {s.labels["app"]: s.value for s in families["healthcheck_app_probe_age_seconds"].samples}
     assert app in ages and other not in ages
+
+
+def test_a_dead_app_process_is_unhealthy_in_the_feed(docker_engine, docker, make_nginx):
+    """The service's own prober against a real nginx: the app's process dies in its running
+    container (nginx answers 502 for it) and the feed says so."""
+    app = unique_app()
+    docker.run(name_for(app))
+    uwsgi = AppProcess()
+    nginx = make_nginx(proxied={app: uwsgi.port})
+
+    def feed_line(svc):
+        body = http(svc.port, PREFIX + "/apps/feed")[2].decode("utf-8")
+        return next((line for line in body.split("\n") if line.split(" ")[0] == app), "")
+    try:
+        with Service("--ngx-port", str(nginx.port), "--probe-ttl", "0.5") as svc:
+            assert wait_for(lambda: feed_line(svc).startswith(app + " 1 "), 20), feed_line(svc)
+            uwsgi.kill()
+            line = wait_for(lambda: (lambda text: text if text.startswith(app + " 0 ") else "")(feed_line(svc)), 20)
+            assert line and "502" in line, feed_line(svc)
+            status, body = svc.get("/apps/health/" + app)
+            assert status == 503 and body["probe"]["status"] == 502
+    finally:
+        uwsgi.kill()
