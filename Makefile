@@ -34,7 +34,7 @@ deps:
 # Every daemon the tests started is stopped afterwards, whether they passed, failed or were
 # interrupted: the private engine here, the e2e APPOs' engines (appo2, appo3) by their fixture.
 test: deps test-venv
-	host=$$(scripts/dockerd-up default) && trap 'for engine in default appo2 appo3 fault; do scripts/dockerd-down $$engine & done; wait' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
+	host=$$(scripts/dockerd-up default) && trap 'for engine in default appo2 appo3 appo4 fault; do scripts/dockerd-down $$engine & done; wait' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
 
 rpm: venv
 	PYTHON=$(CURDIR)/$(PY) scripts/build-rpm
