@@ -162,7 +162,9 @@ local function balance(app, kind)
         local start = choice.turn % choice.n
         choice.turn = start + 1
         ctx.chc_choice, ctx.chc_app, ctx.chc_start, ctx.chc_next = choice, app, start, start
-        if choice.n > 1 then set_more_tries(choice.n - 1) end
+        -- The upstream's only server is `down`, so nginx counts no try of its own: n tries in
+        -- all, one per APPO (an old snippet without `down` gives one more, back to the first).
+        set_more_tries(choice.n)
         if choice.tier ~= "usable" then
             state.count(state.dict(), "fail_open_total", 'app="' .. state.label_value(app) .. '",to="' .. choice.tier .. '"')
         end
