@@ -164,7 +164,8 @@ function M.eject(dict, app, addr, cause, peers)
     local previous = decode_ejection(dict:get(key))
     if previous and not previous.cleared then
         previous.votes = previous.votes + 1
-        M.set(dict, key, encode_ejection(previous), conf.forget_after)
+        local ttl = dict:ttl(key)  -- kept: an ejection that ends with its hold still does
+        M.set(dict, key, encode_ejection(previous), (ttl and ttl > 0) and ttl or conf.forget_after)
         return "joined"
     end
     if peers and M.healthy(dict, app, addr) and
@@ -204,7 +205,8 @@ function M.unvote(dict, app, addr)
     if not e or e.cleared then return false end
     if e.votes > 1 then
         e.votes = e.votes - 1
-        M.set(dict, key, encode_ejection(e), conf.forget_after)
+        local ttl = dict:ttl(key)
+        M.set(dict, key, encode_ejection(e), (ttl and ttl > 0) and ttl or conf.forget_after)
         return false
     end
     if e.count <= 1 then

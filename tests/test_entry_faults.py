@@ -1,0 +1,140 @@
+"""The entry Lua under faults of its own, in a real nginx with two loopback APPOs: an error in
+balance() or log() is contained (the request goes where nginx would send it without the Lua,
+never a 500), and with its shared dict full the balancer still balances and no ejection
+outlives its hold. No docker: the APPOs are plain loopback HTTP servers."""
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from support import LuaNginx, StatusServer, wait_for
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# The request path as entry-paas.conf ships it, on an upstream whose only server is `down`.
+ROUTES = """
+    upstream appo_by_health {
+        server 127.0.0.1:1 down;
+        balancer_by_lua_block { require("container_healthcheck").balance(ngx.var.chc_app, "o") }
+    }
+    server {
+        listen 127.0.0.1:{port};
+        location ~ ^/o/(?<chc_app>[^/]+) {
+            proxy_pass http://appo_by_health;
+            proxy_next_upstream http_502 http_504 error timeout invalid_header;
+            proxy_connect_timeout 1s;
+            log_by_lua_block { require("container_healthcheck").log() }
+        }
+        location = /container-healthcheck-status { content_by_lua_block { require("container_healthcheck").status() } }
+        %(extra)s
+    }
+"""
+
+# Fault injection for the test (not shipped): a flag in the dict makes the module's own
+# functions raise, the way a bug would, on the request path of every worker.
+INJECT = """
+    init_worker_by_lua_block {
+        require("container_healthcheck").init_worker()
+        local dict = ngx.shared.container_healthcheck
+        local state = require "container_healthcheck.state"
+        local config = require "container_healthcheck.config"
+        local usable = state.usable
+        state.usable = function(...)
+            if dict:get("fault") then error("injected fault in balance") end
+            return usable(...)
+        end
+        local real = config.eject_set
+        config.eject_set = setmetatable({}, { __index = function(_, code)
+            if dict:get("fault") then error("injected fault in log") end
+            return real[code]
+        end })
+    }
+"""
+
+
+def _get(port, path):
+    try:
+        with OPENER.open("http://127.0.0.1:%d%s" % (port, path), timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+@pytest.fixture
+def appos():
+    servers = [StatusServer(body=b"A"), StatusServer(body=b"B")]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def test_an_error_in_balance_or_log_is_contained_the_request_still_served(tmp_path, appos):
+    a, b = ("127.0.0.1:%d" % s.port for s in appos)
+    nginx = LuaNginx(str(tmp_path), """
+    init_by_lua_block { require("container_healthcheck").init({ appos = { "%s", "%s" }, interval = 1 }) }
+    %s
+    %s""" % (a, b, INJECT, ROUTES % {"extra": """location = /fault {
+            content_by_lua_block { ngx.shared.container_healthcheck:set("fault", true) ngx.say("on") } }"""}))
+    try:
+        before = [_get(nginx.port, "/o/demo/")[0] for _ in range(20)]
+        assert set(before) == {200}
+        assert _get(nginx.port, "/fault") == (200, "on\n")
+        started = time.monotonic()
+        statuses, bodies = [], set()
+        while time.monotonic() - started < 3:  # past the worker's cached choice (1 s)
+            status, body = _get(nginx.port, "/o/demo/")
+            statuses.append(status)
+            bodies.add(body)
+        seconds = time.monotonic() - started
+        assert set(statuses) == {200}, statuses  # never a 500: where nginx would send it
+        assert bodies == {"A", "B"}  # the app's APPOs, as without the Lua
+        log = open(nginx.error_log).read()
+        balance_lines = log.count("Lua error in balance (contained): ")
+        log_lines = log.count("Lua error in log (contained): ")
+        assert balance_lines >= 1 and log_lines >= 1, log[-2000:]  # the faults did fire
+        assert balance_lines <= seconds + 2 and log_lines <= seconds + 2  # at most one per interval
+        assert "injected fault in balance" in log and "injected fault in log" in log
+    finally:
+        nginx.stop()
+
+
+FULL_DICT = """location = /fill { content_by_lua_block {
+            local dict = ngx.shared.container_healthcheck
+            local n = 0
+            while dict:safe_set("junk" .. n, string.rep("x", 100)) do n = n + 1 end
+            while dict:rpush("junk-list", "y") do n = n + 1 end
+            ngx.say(n)
+        } }
+        location = /ejection { content_by_lua_block {
+            local dict = ngx.shared.container_healthcheck
+            local key = "e:demo|" .. ngx.var.arg_addr
+            local value = dict:get(key)
+            ngx.say(string.format('{"value":%s,"ttl":%s,"queued":%d}', value and ('"' .. value .. '"') or "false",
+                                  value and tostring(dict:ttl(key)) or "false", dict:llen("ejq:" .. ngx.var.arg_addr) or 0))
+        } }"""
+
+
+def test_with_its_dict_full_the_balancer_balances_and_no_ejection_outlives_its_hold(tmp_path, appos):
+    appos[0].status = 502  # A's app answers 502: a request there fails and ejects A
+    a, b = ("127.0.0.1:%d" % s.port for s in appos)
+    nginx = LuaNginx(str(tmp_path), """
+    init_by_lua_block { require("container_healthcheck").init({ apps = { demo = { "%s", "%s" } }, interval = 1 }) }
+    init_worker_by_lua_block { require("container_healthcheck").init_worker() }
+    %s""" % (a, b, ROUTES % {"extra": FULL_DICT}), dict_size="32k")
+    try:
+        assert int(_get(nginx.port, "/fill")[1]) > 0
+        statuses = [_get(nginx.port, "/o/demo/") for _ in range(10)]
+        assert statuses == [(200, "B")] * 10  # retried on B, then B alone: it still balances
+        ejection = json.loads(_get(nginx.port, "/ejection?addr=" + a)[1])
+        assert ejection["value"], "A was not ejected"
+        hold = float(ejection["value"].split("|")[1]) - float(ejection["value"].split("|")[0])
+        # The channel that would clear it never heard of it (its queue is full): the record
+        # ends with its hold instead of living on.
+        assert ejection["queued"] == 0 and 0 < ejection["ttl"] <= hold, ejection
+        assert wait_for(lambda: not json.loads(_get(nginx.port, "/ejection?addr=" + a)[1])["value"], hold + 3)
+        assert re.search(r"lua_shared_dict container_healthcheck is full", open(nginx.error_log).read())
+    finally:
+        nginx.stop()
