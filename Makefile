@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # order tests/conftest.py gives. PYTEST_WORKERS= (empty) runs everything in one process.
 PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua bench-failover clean e2e
+.PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua bench-entry bench-failover clean e2e
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: apt-get install -y python3-venv" >&2; exit 1; }
@@ -43,6 +43,7 @@ bench: deps venv
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench
 	host=$$(scripts/dockerd-up default) && DOCKER_HOST=$$host PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/bench-scale
 	scripts/bench-lua
+	scripts/bench-entry
 	scripts/bench-failover
 
 bench-scale: deps venv
@@ -50,6 +51,9 @@ bench-scale: deps venv
 
 bench-lua: deps
 	scripts/bench-lua
+
+bench-entry: deps
+	scripts/bench-entry
 
 bench-failover: deps test-venv
 	scripts/bench-failover
