@@ -166,7 +166,9 @@ local function balance(app, kind)
         -- all, one per APPO (an old snippet without `down` gives one more, back to the first).
         set_more_tries(choice.n)
         if choice.tier ~= "usable" then
-            state.count(state.dict(), "fail_open_total", 'app="' .. state.label_value(app) .. '",to="' .. choice.tier .. '"')
+            local dict, labels = state.dict(), 'app="' .. state.label_value(app) .. '"'
+            state.count(dict, "fail_open_total", labels)
+            if choice.tier == "all" then state.count(dict, "fail_open_panic_total", labels) end
         end
     else
         -- A retry: the previous attempt failed the way proxy_next_upstream says.

@@ -30,17 +30,20 @@
 -- The package (one folder, container_healthcheck/): config (options, checked at init), state
 -- (the shared dict's records and rules), feed (the service's answers, parsed), discovery
 -- (which APPOs serve an app), poller (one channel per APPO), balancer (the request path),
--- status (the operators' page). Operators use only this module's functions.
+-- status (the operators' page), metrics (Prometheus); records (the dict's key schema and
+-- record formats). Operators use only this module's functions.
 -- Needs lua-nginx-module and lua-resty-core (ngx.balancer).
 local config = require "container_healthcheck.config"
 local state = require "container_healthcheck.state"
 local poller = require "container_healthcheck.poller"
 local balancer = require "container_healthcheck.balancer"
 local status = require "container_healthcheck.status"
+local metrics = require "container_healthcheck.metrics"
 
 local ngx = ngx
 
-local M = { _VERSION = "2.3.0" }
+local M = { _VERSION = "2.4.0" }
+metrics.version = M._VERSION
 
 -- init_by_lua: the options (see container_healthcheck/config.lua). An unknown or wrong-typed
 -- option, or an undeclared dict, is an error there, so `nginx -t` says so.
@@ -54,6 +57,7 @@ M.choose = balancer.choose     -- the peers a request may use (balance() uses it
 M.balance = balancer.balance   -- balancer_by_lua: balance(app, kind)
 M.log = balancer.log           -- log_by_lua
 M.status = status.handle       -- content_by_lua: the operators' page
+M.metrics = metrics.handle     -- content_by_lua: Prometheus text format 0.0.4
 
 -- The pure parts and the dict rules, for the unit tests (tests/lua/test_units.lua).
 M._units = { config = config, state = state, poller = poller, feed = require "container_healthcheck.feed",
