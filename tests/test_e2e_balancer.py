@@ -775,6 +775,75 @@ def test_10_openresty_path_polls_only_appos_and_never_errors(healthy, bk_entry):
     # (no Lua error over the whole run: checked when the entry stops, whatever the order)
 
 
+def scrape(port):
+    """The entry's /container-healthcheck-metrics, read by prometheus_client's own parser:
+    {(name, labels as a sorted tuple): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    answer = opener.open("http://127.0.0.1:%d/container-healthcheck-metrics" % port, timeout=5)
+    assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(answer.read().decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+def _metrics_agree_with_status(port, addrs):
+    """What /container-healthcheck-metrics says of the app and the APPOs is what the status
+    JSON says, read at one moment (retried until both were read between two changes)."""
+    samples, status = scrape(port), entry_status(port)
+    for addr in addrs:
+        if _value(samples, "container_healthcheck_peer_up", app=APP, appo=addr) != (1 if usable_at(port, APP, addr) else 0):
+            return False
+        appo = status["appos"].get(addr) or {}
+        if _value(samples, "container_healthcheck_appo_up", appo=addr) != (1 if appo.get("up") else 0):
+            return False
+    failing = _value(samples, "container_healthcheck_app_usable_appos", app=APP) == 0
+    return failing == (APP in status["open"])
+
+
+def test_27_the_entry_s_metrics_agree_with_its_status_and_count_what_happened(healthy, bk_entry):
+    """After an ejection, a container death and a fail-open: the families parse, agree with the
+    status JSON, and the counters moved by what happened."""
+    bk = bk_entry
+    port = bk["port"]
+    appo2, appo3 = healthy["appos"]
+    addrs = [appo2.addr, appo3.addr]
+    assert wait_for(lambda: _metrics_agree_with_status(port, addrs), 10)
+    before = scrape(port)
+    assert _value(before, "container_healthcheck_appo_up", appo=appo2.addr) == 1
+    appo2.docker("kill", NAME)  # the primary's container dies: an ejection, then its death
+    assert wait_for(lambda: not usable_at(port, APP, appo2.addr), 10)
+    appo3.docker("kill", NAME)  # and the backup's: no APPO usable, the app fails open
+    assert wait_for(lambda: APP in entry_status(port)["open"], 10)
+    assert wait_for(lambda: len(observe(bk["o"], 10)) >= 10, 10)  # requests sent while failing open
+
+    def moved():
+        now = scrape(port)
+        ejections = sum(v for (name, labels), v in now.items() if name == "container_healthcheck_ejections_total"
+                        and dict(labels).get("app") == APP) - \
+            sum(v for (name, labels), v in before.items() if name == "container_healthcheck_ejections_total"
+                and dict(labels).get("app") == APP)
+        opened = _value(now, "container_healthcheck_fail_open_total", app=APP) - \
+            _value(before, "container_healthcheck_fail_open_total", app=APP)
+        return ejections >= 1 and opened >= 1
+    assert wait_for(moved, 10), scrape(port)
+    assert wait_for(lambda: _metrics_agree_with_status(port, addrs), 10)
+    samples = scrape(port)
+    assert _value(samples, "container_healthcheck_app_usable_appos", app=APP) == 0
+    assert _value(samples, "container_healthcheck_app_failing_open", app=APP, to="all") == 1
+    assert _value(samples, "container_healthcheck_dict_capacity_bytes") > _value(samples, "container_healthcheck_dict_free_bytes") > 0
+    heartbeats = _value(samples, "container_healthcheck_heartbeat_lateness_seconds_count", appo=appo2.addr)
+    assert heartbeats >= 1 and _value(samples, "container_healthcheck_heartbeat_lateness_seconds_bucket",
+                                      appo=appo2.addr, le="+Inf") == heartbeats
+    assert _value(samples, "container_healthcheck_lua_errors_total", where="balance") == 0
+
+
 def test_11_bluekings_5x_shared_upstream_recipe(healthy):
     cluster = healthy
     appo2, appo3 = cluster["appos"]
