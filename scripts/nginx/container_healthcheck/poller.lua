@@ -424,14 +424,19 @@ function M.registries(dict)
     return appos, apps
 end
 
--- Counters of apps and APPOs nobody asks about any more are dropped with them.
-local function keep_counters(dict, appos, apps)
-    local known = {}
-    for app in pairs(apps) do known[app] = true end
-    for addr in pairs(appos) do
-        for app in pairs(decode_set(dict:get("apps:" .. addr))) do known[app] = true end
+-- New counters join the registry every round; those of apps and APPOs nobody asks about any
+-- more are dropped with them, now and then (prune: it reads every APPO's registry).
+local function keep_counters(dict, appos, apps, prune)
+    local known
+    if prune then
+        known = {}
+        for app in pairs(apps) do known[app] = true end
+        for addr in pairs(appos) do
+            for app in pairs(decode_set(dict:get("apps:" .. addr))) do known[app] = true end
+        end
     end
     keep_registry(dict, "reg:counters", "new:counters", function(key)
+        if not prune then return true end
         local app = match(key, 'app="([^"]*)"')
         local addr = match(key, 'appo="([^"]*)"')
         local alive = (not app or app == "-" or known[app]) and (not addr or addr == "-" or appos[addr])
@@ -450,9 +455,7 @@ local function supervise(premature)
     update_time()
     local started_wall, started_cpu = now_of(), os.clock()
     local appos, apps = M.registries(dict)
-    if dict:add("lock:counters", true, max(conf.interval, conf.forget_after / 10)) then
-        keep_counters(dict, appos, apps)
-    end
+    keep_counters(dict, appos, apps, dict:add("lock:counters", true, max(conf.interval, conf.forget_after / 10)))
     local me = owner_id()
     local count = 0
     for addr in pairs(appos) do
