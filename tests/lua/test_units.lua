@@ -3,7 +3,7 @@
 -- "not ok <name>: <traceback>". ?feed=<path>: a feed answer rendered by the Python service.
 local chc = require "container_healthcheck"
 local u = chc._units
-local conf, state, feed, poller, records, config = u.config.conf, u.state, u.feed, u.poller, u.records, u.config
+local conf, state, feed, poller, records = u.config.conf, u.state, u.feed, u.poller, u.records
 local dict = ngx.shared[conf.dict]
 local out = {}
 
@@ -103,7 +103,8 @@ test("an ejection holds until a health answer newer than the failure, and the ho
     eq(ejection("a", A).votes, 2, "two failed requests behind it")
     local now = hold_until + 0.1
     eq(state.consider_clear(dict, "a", A, false, 0, now), false, "unhealthy answer")
-    eq(state.consider_clear(dict, "a", A, true, now - at + 0.5, now), false, "healthy, but from a probe before the failure")
+    eq(state.consider_clear(dict, "a", A, true, now - at + 0.5, now), false,
+       "healthy, but from a probe before the failure")
     eq(state.consider_clear(dict, "a", A, true, 0.2, at + 0.5), false, "fresh, but within the hold")
     eq(state.consider_clear(dict, "a", A, true, feed.age_of("?"), now), false, "a probe of unknown age")
     eq(state.consider_clear(dict, "a", A, true, 0.05, now), true, "fresh and past the hold")
@@ -297,7 +298,8 @@ test("init refuses unknown options, wrong types and numbers not above 0, in word
                                              "client's, not the APPO's)" },
         { { appos = { "10.0.0.2" } }, "option `appos`: entry 1 must be \"host:port\", not 10.0.0.2" },
         { { rise = 1.5 }, "option `rise` must be a whole number" },
-        { { grace = 0.05 }, "option `grace` must be >= 0.1: half of it waits for a late heartbeat, half asks the APPO Nginx" },
+        { { grace = 0.05 }, "option `grace` must be >= 0.1: half of it waits for a late heartbeat, " ..
+                            "half asks the APPO Nginx" },
         { { intervall = 2 }, "unknown option `intervall`" },
         { { interval = "2" }, "option `interval` must be a number, not string" },
         { { fall = 0 }, "option `fall` must be > 0" },

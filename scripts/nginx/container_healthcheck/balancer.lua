@@ -102,7 +102,10 @@ local function choice_for(app, kind)
     if cached then
         fresh.turn = cached.turn
     else
-        if choices_size > MAX_ENTRIES then choices, choices_size = { o = {}, t = {} }, 0; by_kind = choices[kind] or choices.o end
+        if choices_size > MAX_ENTRIES then
+            choices, choices_size = { o = {}, t = {} }, 0
+            by_kind = choices[kind] or choices.o
+        end
         choices_size = choices_size + 1
     end
     by_kind[app] = fresh

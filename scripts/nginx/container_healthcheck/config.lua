@@ -22,7 +22,8 @@ local conf = {
     host_header = nil,      -- Host sent to APPOs (default: the APPO address)
     wait = 1,               -- seconds the service may hold a feed request: its heartbeat period
     grace = 0.5,            -- a heartbeat this late: the APPO Nginx is asked whether it is alive
-    keep_stale = 30,        -- seconds an APPO whose Nginx answers but whose service does not keeps its verdicts (0: none)
+    keep_stale = 30,        -- seconds an APPO whose Nginx answers but whose service does not keeps
+                            -- its verdicts (0: none)
     interval = 2,           -- seconds between looks for new APPOs, and between /apps polls
     timeout = 1,            -- seconds for one whole /apps poll (services without the feed)
     fall = 2,               -- /apps polls: consecutive failures before an app is out there
@@ -81,7 +82,7 @@ local function check_one(k, v)
         if v ~= v or v == math.huge then refuse("option `" .. k .. "` must be a finite number") end
         if MAY_BE_ZERO[k] then
             if v < 0 then refuse("option `" .. k .. "` must be >= 0") end
-        elseif not (v > 0) then
+        elseif v <= 0 then
             refuse("option `" .. k .. "` must be > 0")
         end
         if WHOLE[k] and v ~= math.floor(v) then refuse("option `" .. k .. "` must be a whole number") end
@@ -121,7 +122,8 @@ local function check_together(c)
     end
     for i, status in ipairs(c.eject_statuses) do
         if type(status) ~= "number" or status < 500 or status > 599 or status ~= math.floor(status) then
-            refuse("option `eject_statuses`: entry " .. i .. " must be a 5xx status (a 4xx is the client's, not the APPO's)")
+            refuse("option `eject_statuses`: entry " .. i ..
+                   " must be a 5xx status (a 4xx is the client's, not the APPO's)")
         end
     end
 end

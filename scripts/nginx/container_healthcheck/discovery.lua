@@ -32,7 +32,9 @@ function M.upstream_peers(name)
         if not s.down then
             local addrs = type(s.addr) == "table" and s.addr or { s.addr }
             for _, addr in ipairs(addrs) do
-                if type(addr) == "string" then peers[#peers + 1] = { addr = addr, backup = s.backup and true or false } end
+                if type(addr) == "string" then
+                    peers[#peers + 1] = { addr = addr, backup = s.backup and true or false }
+                end
             end
         end
     end

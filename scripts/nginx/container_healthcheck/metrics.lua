@@ -22,13 +22,15 @@ local M = {}
 -- Every counter family the Lua writes, with its help text (a family with no series yet is
 -- still described, so that rules and dashboards find it).
 M.COUNTERS = {
-    { "ejections_total", "passive ejections: a user request failed on that APPO for that app (cause: http_502, http_504, error, timeout)" },
+    { "ejections_total", "passive ejections: a user request failed on that APPO for that app " ..
+                         "(cause: http_502, http_504, error, timeout)" },
     { "ejections_reverted_total", "ejections taken back: the request that made them failed on every APPO it tried" },
-    { "ejections_capped_total", "ejections refused: half of the app's APPOs were out on failed requests alone already" },
+    { "ejections_capped_total", "ejections refused: half of the app's APPOs were out on failed requests alone" },
     { "fail_open_total", "requests sent while no APPO of the app was usable (to the healthy ones, else to all)" },
     { "fail_open_panic_total", "requests sent to every APPO of the app: none said healthy" },
     { "no_peer_total", "requests for an app with no APPO at all (answered 502, as nginx does without an upstream)" },
-    { "lua_errors_total", "Lua errors caught, by where: balance and log (the request went on without the Lua), channel, supervise" },
+    { "lua_errors_total", "Lua errors caught, by where: balance and log (the request went on without the Lua), " ..
+                          "channel, supervise, metrics" },
 }
 
 local function escape(value)
@@ -36,7 +38,8 @@ local function escape(value)
 end
 
 local function family(out, name, kind, help)
-    out[#out + 1] = format("# HELP container_healthcheck_%s %s\n# TYPE container_healthcheck_%s %s\n", name, help, name, kind)
+    out[#out + 1] = format("# HELP container_healthcheck_%s %s\n# TYPE container_healthcheck_%s %s\n",
+                           name, help, name, kind)
 end
 
 -- The counters in the registry, grouped by family.
@@ -48,8 +51,8 @@ local function counters(dict, out)
         if value then
             local list = by_family[name]
             if not list then list = {}; by_family[name] = list end
-            list[#list + 1] = format("container_healthcheck_%s%s %d\n", name, labels ~= "" and ("{" .. labels .. "}") or "",
-                                     value)
+            list[#list + 1] = format("container_healthcheck_%s%s %d\n", name,
+                                     labels ~= "" and ("{" .. labels .. "}") or "", value)
         end
     end
     for _, f in ipairs(M.COUNTERS) do
@@ -81,17 +84,19 @@ local function peers_gauges(dict, appos, now, out)
         for _, peer in ipairs(peers) do
             local yes = state.usable(dict, app, peer.addr, now)
             if yes then n = n + 1 end
-            up[#up + 1] = format('container_healthcheck_peer_up{app="%s",appo="%s"} %d\n', escape(app), escape(peer.addr),
-                                 yes and 1 or 0)
+            up[#up + 1] = format('container_healthcheck_peer_up{app="%s",appo="%s"} %d\n', escape(app),
+                                 escape(peer.addr), yes and 1 or 0)
         end
-        usable_count[#usable_count + 1] = format('container_healthcheck_app_usable_appos{app="%s"} %d\n', escape(app), n)
+        usable_count[#usable_count + 1] = format('container_healthcheck_app_usable_appos{app="%s"} %d\n',
+                                                 escape(app), n)
         if n == 0 and #peers > 0 then
             local tier = balancer.tier(app, "o")
             usable_count[#usable_count + 1] = format('container_healthcheck_app_failing_open{app="%s",to="%s"} 1\n',
                                                      escape(app), tier == "healthy" and "healthy" or "all")
         end
     end
-    family(out, "peer_up", "gauge", "1 when the entry would send the app's requests to that APPO now (fresh, healthy, not ejected)")
+    family(out, "peer_up", "gauge",
+           "1 when the entry would send the app's requests to that APPO now (fresh, healthy, not ejected)")
     out[#out + 1] = concat(up)
     local failing, counts = {}, {}
     for _, line in ipairs(usable_count) do
@@ -111,12 +116,14 @@ local function appo_gauges(dict, appos, now, out)
     for _, addr in ipairs(addrs) do
         local fresh = state.is_fresh(dict, addr, now)
         local kept = fresh and dict:get("stale:" .. addr) ~= nil
-        up[#up + 1] = format('container_healthcheck_appo_up{appo="%s"} %d\n', escape(addr), (fresh and not kept) and 1 or 0)
+        up[#up + 1] = format('container_healthcheck_appo_up{appo="%s"} %d\n', escape(addr),
+                             (fresh and not kept) and 1 or 0)
         stale[#stale + 1] = format('container_healthcheck_appo_stale{appo="%s"} %d\n', escape(addr), kept and 1 or 0)
     end
     family(out, "appo_up", "gauge", "1 while the APPO's feed channel is live: its heartbeat on time")
     out[#out + 1] = concat(up)
-    family(out, "appo_stale", "gauge", "1 while the APPO's service is silent but its Nginx answers: its last verdicts kept (keep_stale)")
+    family(out, "appo_stale", "gauge",
+           "1 while the APPO's service is silent but its Nginx answers: its last verdicts kept (keep_stale)")
     out[#out + 1] = concat(stale)
     family(out, "heartbeat_lateness_seconds", "histogram", "how late each feed heartbeat was, past `wait`")
     local buckets = poller.LATENESS_BUCKETS
@@ -125,12 +132,13 @@ local function appo_gauges(dict, appos, now, out)
         local label = escape(addr)
         for i = 1, #buckets + 1 do
             cumulative = cumulative + (dict:get("h:" .. addr .. "|" .. i) or 0)
-            out[#out + 1] = format('container_healthcheck_heartbeat_lateness_seconds_bucket{appo="%s",le="%s"} %d\n', label,
-                                   i <= #buckets and tostring(buckets[i]) or "+Inf", cumulative)
+            out[#out + 1] = format('container_healthcheck_heartbeat_lateness_seconds_bucket{appo="%s",le="%s"} %d\n',
+                                   label, i <= #buckets and tostring(buckets[i]) or "+Inf", cumulative)
         end
         out[#out + 1] = format('container_healthcheck_heartbeat_lateness_seconds_sum{appo="%s"} %.6f\n', label,
                                dict:get("h:" .. addr .. "|sum") or 0)
-        out[#out + 1] = format('container_healthcheck_heartbeat_lateness_seconds_count{appo="%s"} %d\n', label, cumulative)
+        out[#out + 1] = format('container_healthcheck_heartbeat_lateness_seconds_count{appo="%s"} %d\n',
+                               label, cumulative)
     end
 end
 
@@ -143,7 +151,8 @@ function M.render()
     local out = {}
     family(out, "info", "gauge", "the entry Lua's version and options")
     out[#out + 1] = format('container_healthcheck_info{version="%s",wait="%s",grace="%s",keep_stale="%s"} 1\n',
-                           escape(M.version or ""), tostring(conf.wait), tostring(conf.grace), tostring(conf.keep_stale))
+                           escape(M.version or ""), tostring(conf.wait), tostring(conf.grace),
+                           tostring(conf.keep_stale))
     peers_gauges(dict, appos, now, out)
     appo_gauges(dict, appos, now, out)
     counters(dict, out)

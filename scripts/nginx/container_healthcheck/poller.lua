@@ -313,7 +313,8 @@ local function feed_round(dict, addr, ch)
         -- An older service (2.1 and before): poll /apps, and look for the feed again later.
         if ch.mode == "feed" then
             state.log_limited("mode:" .. addr, WARN, "APPO ", addr, " has no ", config.feed_path, ": polling ",
-                              conf.path, " every ", conf.interval, " s (upgrade its container-healthcheck for pushed changes)")
+                              conf.path, " every ", conf.interval,
+                              " s (upgrade its container-healthcheck for pushed changes)")
         end
         ch.mode, ch.mode_at = "apps", now
         return false

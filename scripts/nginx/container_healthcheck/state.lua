@@ -266,7 +266,8 @@ function M.failed(dict, addr, err, now, apps)
         dict:delete("fresh:" .. addr)
         if fresh > now then M.bump_apps(dict, apps) end
     end
-    M.log_limited("poll:" .. addr, WARN, "APPO ", addr, " is OUT: its health service did not answer (", tostring(err), ")")
+    M.log_limited("poll:" .. addr, WARN, "APPO ", addr, " is OUT: its health service did not answer (",
+                  tostring(err), ")")
 end
 
 -- The APPO's service did not answer in time but its Nginx does (the service hung, slow or
