@@ -137,18 +137,18 @@ local function new_channel_state(apps, ejected)
     local listed = {}
     for app in pairs(apps or {}) do listed[app] = true end
     return { mode = "feed", mode_at = 0, index = nil, apps = apps or {}, ejected = ejected or {}, listed = listed,
-             lines = {}, rising = {}, full_at = 0, failures = 0, saved = {}, hist = {}, flushed_at = 0 }
+             lines = {}, rising = {}, full_at = 0, failures = 0, dirty = true, saved_at = 0, hist = {},
+             flushed_at = 0 }
 end
 M.new_channel_state = new_channel_state
 
--- The channel's registries, written when they changed (the status page and metrics read them).
-local function save_registries(dict, addr, ch)
-    for name, set in pairs({ apps = ch.apps, ejected = ch.ejected }) do
-        local text = encode_set(set)
-        if ch.saved[name] ~= text then
-            if state.set(dict, name .. ":" .. addr, text, conf.forget_after) then ch.saved[name] = text end
-        end
-    end
+-- The channel's registries, written when they changed, and now and then so that they do not
+-- expire (the status page and metrics read them).
+local function save_registries(dict, addr, ch, now)
+    if not ch.dirty and now - ch.saved_at < conf.forget_after / 3 then return end
+    local ok = state.set(dict, "apps:" .. addr, encode_set(ch.apps), conf.forget_after)
+    ok = state.set(dict, "ejected:" .. addr, encode_set(ch.ejected), conf.forget_after) and ok
+    ch.dirty, ch.saved_at = not ok, now
 end
 
 local function take_ejections(dict, addr, ch)
@@ -156,7 +156,7 @@ local function take_ejections(dict, addr, ch)
     while true do
         local app = dict:rpop(queue)
         if not app then return end
-        ch.ejected[app] = true
+        if not ch.ejected[app] then ch.ejected[app], ch.dirty = true, true end
     end
 end
 
@@ -168,7 +168,7 @@ local function keep_reason(dict, app, addr, why, refresh)
 end
 
 local function observe(dict, app, addr, ch, passed, now, value, fall)
-    ch.apps[app] = true
+    if not ch.apps[app] then ch.apps[app], ch.dirty = true, true end
     return state.observe(dict, app, addr, passed, now, value, fall)
 end
 
@@ -214,7 +214,7 @@ function M.apply_feed(dict, addr, ch, answer, now)
         if refresh then
             -- records that expired (nobody asked for the app) leave the registry
             for app in pairs(ch.apps) do
-                if not dict:get(state.health_key(app, addr)) then ch.apps[app] = nil end
+                if not dict:get(state.health_key(app, addr)) then ch.apps[app], ch.dirty = nil, true end
             end
         end
         ch.listed, ch.lines = seen, lines
@@ -229,9 +229,11 @@ function M.apply_feed(dict, addr, ch, answer, now)
     end
     for app in pairs(ch.ejected) do
         local healthy, age = feed.line(answer, app)
-        if state.consider_clear(dict, app, addr, healthy == true, age or 0, now) then ch.ejected[app] = nil end
+        if state.consider_clear(dict, app, addr, healthy == true, age or 0, now) then
+            ch.ejected[app], ch.dirty = nil, true
+        end
     end
-    save_registries(dict, addr, ch)
+    save_registries(dict, addr, ch, now)
 end
 
 -- Services without the feed: one /apps poll with fall/rise, the way 2.1 did it.
@@ -257,10 +259,10 @@ function M.apply_apps(dict, addr, ch, healthy, reasons, now)
     for app in pairs(ch.ejected) do
         -- No ages in /apps: its answer counts once the hold has passed and one poll began after it.
         if state.consider_clear(dict, app, addr, healthy ~= nil and healthy[app] == true, conf.timeout, now) then
-            ch.ejected[app] = nil
+            ch.ejected[app], ch.dirty = nil, true
         end
     end
-    save_registries(dict, addr, ch)
+    save_registries(dict, addr, ch, now)
 end
 
 ---------------------------------------------------------------------------------------------
