@@ -12,6 +12,7 @@ log = logging.getLogger(__name__)
 
 # An app is probed while someone asked about it (its own route or /apps) within this window.
 DEFAULT_INTEREST_S = 300.0
+_PAUSE_AFTER_FAILURE_S = 0.1
 
 def default_url_of(app):
     return "/o/%s/" % app
@@ -46,6 +47,10 @@ class Prober(object):
     interest_s are forgotten. observe(app, result, changed) is called after each probe; a
     result equal to the last one keeps the last one's object (answers built on it stay
     memoised), and changed says whether it differs.
+
+    An engine (ProbeLoop, ThreadedProbes) has submit(app, done) (done(result) once, later),
+    run_once(timeout_s) (wait for results, the time given or wake()), wake() from any
+    thread, abort(exc) (end what it holds as crashed) and close().
     """
 
     def __init__(self, probe, ttl_s=2.0, workers=32, interest_s=DEFAULT_INTEREST_S,
@@ -161,6 +166,7 @@ class Prober(object):
                 except Exception as exc:  # the loop's own error: its probes end crashed, it goes on
                     log.exception("the prober's loop failed")
                     self._engine.abort(exc)
+                    time.sleep(_PAUSE_AFTER_FAILURE_S)  # an error that stays must not spin a core
         finally:
             self._engine.close()
 
