@@ -139,6 +139,17 @@ class Drain(collections.namedtuple("Drain", "reason since")):
 
     __slots__ = ()
 
+    _SHORT_PREFIX = "draining: "
+
+    def short(self):
+        """The few words tables and balancers show: "draining" and the reason."""
+        return "draining" + (": " + self.reason if self.reason else "")
+
+    @classmethod
+    def from_short(cls, short):
+        """The drain a /apps answer's few words describe (its time is not on the wire)."""
+        return cls(short[len(cls._SHORT_PREFIX):] if short.startswith(cls._SHORT_PREFIX) else "", None)
+
     def describe(self):
         if self.since is None:
             return "draining%s" % (": " + self.reason if self.reason else "")
@@ -196,7 +207,7 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
         probe = ProbeResult.from_dict(envelope["probe"]) if envelope.get("probe") is not None else None
         if code == errors.CODE_OK:
             return cls(app, True, "", Container.from_dict(message), containers, probe, None, "")
-        drain = Drain(short, None) if code == errors.CODE_DRAINING else None
+        drain = Drain.from_short(short) if code == errors.CODE_DRAINING else None
         return cls(app, False, str(message), None, containers, probe, drain, short)
 
 

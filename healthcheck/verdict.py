@@ -32,7 +32,7 @@ def decide(app, matches, include_all=False, probe=None, drain=None):
     chosen = pick_serving(ordered)
     if drain is not None:
         return HealthReport(app, False, "%s (app %s on this host)" % (drain.describe(), app), chosen, listed,
-                            probe, drain, _short("draining" + (": " + drain.reason if drain.reason else "")))
+                            probe, drain, _short(drain.short()))
     if chosen is None:
         short = _condition(ordered[0]) if ordered else "no container"
         return HealthReport(app, False, _why_nothing_serves(app, ordered), None, listed, None, None, _short(short))

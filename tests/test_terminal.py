@@ -83,6 +83,8 @@ def test_the_table_is_the_same_from_reports_and_from_their_apps_answer():
     assert rows(read_back) == rows(reports)
     assert [r.code for r in read_back] == [r.code for r in reports]
     assert [r.to_envelope() for r in read_back] == [json.loads(json.dumps(r.to_envelope())) for r in reports]
+    # a drain read back holds the operator's reason, not the table's words
+    assert read_back[4].drain == drain.Drain("内核升级", None) and read_back[4].drain.describe() == "draining: 内核升级"
 
 
 @pytest.mark.parametrize("answer", [None, [], {"code": 0}, {"code": 10, "message": "docker down"},
