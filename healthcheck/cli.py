@@ -8,6 +8,7 @@ import sys
 import time
 
 from healthcheck import __version__, drain, logs, terminal, text
+from healthcheck.apps_answer import reports_from_apps_answer
 from healthcheck.checker import Checker
 from healthcheck.config import parse_args
 from healthcheck.docker import DockerCLI
@@ -18,7 +19,7 @@ from healthcheck.matching import NamePattern, validate_app_code
 from healthcheck.metrics import Metrics
 from healthcheck.probe_loop import ProbeLoop
 from healthcheck.prober import Prober
-from healthcheck.render import Renderer, render_error, reports_from_apps_answer
+from healthcheck.render import Renderer, render_error
 from healthcheck.snapshot import Snapshotter
 from healthcheck.verdict_log import VerdictLog
 

@@ -1,11 +1,11 @@
-"""Answers on the wire: a report, a view or an error into (status, content type, body bytes),
-and a /apps answer back into reports (pure)."""
+"""Answers on the wire: a report, a view or an error into (status, content type, body bytes)
+(pure). Reading a /apps answer back is apps_answer.py's."""
 import collections
 import json
 
 from healthcheck import errors, text
 from healthcheck.bounded import BoundedCache
-from healthcheck.models import HealthReport, error_envelope
+from healthcheck.models import error_envelope
 
 JSON_TYPE = "application/json; charset=utf-8"
 HEALTHY_STATUS, UNHEALTHY_STATUS = 200, 503
@@ -91,16 +91,3 @@ class Renderer(object):
         body = encode(report.to_envelope())
         self._bodies.put(key, (report, body))
         return body
-
-
-def reports_from_apps_answer(answer):
-    """The HealthReports in a /apps answer (a service's JSON, decoded), in its order.
-    :raises ValueError: answer is not a /apps answer."""
-    if not isinstance(answer, dict) or answer.get("code") != errors.CODE_OK:
-        raise ValueError("not a /apps answer")
-    message = answer.get("message")
-    if not isinstance(message, dict) or not isinstance(message.get("apps"), dict):
-        raise ValueError("not a /apps answer")
-    shorts = message.get("unhealthy") if isinstance(message.get("unhealthy"), dict) else {}
-    return [HealthReport.from_envelope(app, envelope, str(shorts.get(app, "")))
-            for app, envelope in message["apps"].items()]

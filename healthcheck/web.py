@@ -8,7 +8,7 @@ import time
 
 import bottle
 
-from healthcheck import __version__, errors, feed as feeds, pages, render
+from healthcheck import __version__, errors, feed_format as feeds, pages, render
 from healthcheck.bounded import BoundedCache
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

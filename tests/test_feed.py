@@ -6,7 +6,8 @@ import pytest
 
 from healthcheck import errors
 from healthcheck.checker import AppsView
-from healthcheck.feed import UNKNOWN_AGE, Feed, Verdict, render_feed
+from healthcheck.feed import Feed
+from healthcheck.feed_format import UNKNOWN_AGE, Verdict, render_feed
 from healthcheck.models import HealthReport, ProbeResult
 from support import FakeClock, until
 

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from healthcheck.feed import UNKNOWN_AGE, Verdict, render_feed
+from healthcheck.feed_format import UNKNOWN_AGE, Verdict, render_feed
 from support import ROOT, LuaNginx
 
 TESTS_LUA = os.path.join(ROOT, "tests", "lua")

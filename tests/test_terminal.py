@@ -6,7 +6,8 @@ import pytest
 from healthcheck import drain, verdict
 from healthcheck.checker import AppsView
 from healthcheck.models import Container, ProbeResult
-from healthcheck.render import Renderer, reports_from_apps_answer
+from healthcheck.apps_answer import reports_from_apps_answer
+from healthcheck.render import Renderer
 from healthcheck.terminal import COLUMNS, display_width, render_table, rows
 
 

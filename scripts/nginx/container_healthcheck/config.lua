@@ -5,7 +5,7 @@
 -- init_by_lua, so it cannot see it.)
 local M = {}
 
--- The longest `wait` the service accepts (healthcheck/feed.py MAX_WAIT_S): a longer one is
+-- The longest `wait` the service accepts (healthcheck/feed_format.py MAX_WAIT_S): a longer one is
 -- refused with 400, which would take every APPO out.
 M.SERVICE_MAX_WAIT = 5
 

@@ -1,6 +1,6 @@
 -- container_healthcheck.feed: the service's answers read without decoding more than needed
 -- (pure). The feed's text format is documented in README ("The entry's feed") and rendered by
--- healthcheck/feed.py; tests/test_lua_units.py holds both sides to it.
+-- healthcheck/feed_format.py; tests/test_lua_units.py holds both sides to it.
 local find, match, sub, tonumber = string.find, string.match, string.sub, tonumber
 local huge = math.huge
 
