@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from healthcheck.probe_loop import ProbeLoop
-from support import LoopbackServer, StatusServer, free_port, start_nginx, stop_nginx, until
+from support import LoopbackServer, StatusServer, free_port, start_nginx, stop_nginx
 
 NGINX_CONF = """daemon off;
 master_process on;
