@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTEREST_S = 300.0
 _PAUSE_AFTER_FAILURE_S = 0.1
 
+
 def default_url_of(app):
     return "/o/%s/" % app
 

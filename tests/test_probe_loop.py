@@ -45,11 +45,12 @@ class Nginx(object):
         self.conf = os.path.join(str(workdir), "nginx.conf")
         with open(os.path.join(str(workdir), "big.txt"), "w") as handle:
             handle.write("x" * 20000)
+        locations = "".join("        location /o/%s/ { proxy_pass http://127.0.0.1:%d/; }\n" % pair
+                            for pair in sorted((proxied or {}).items()))
         with open(self.conf, "w") as handle:
             handle.write(NGINX_CONF % {"dir": workdir, "port": self.port, "keepalive_requests": keepalive_requests,
                                        "keepalive_timeout": keepalive_timeout, "gone_port": free_port(),
-                                       "proxied": "".join("        location /o/%s/ { proxy_pass http://127.0.0.1:%d/; }\n"
-                                                          % pair for pair in sorted((proxied or {}).items()))})
+                                       "proxied": locations})
         self.proc = start_nginx(self.conf)
 
     def stop(self):
@@ -116,7 +117,7 @@ def test_probes_reuse_one_keep_alive_connection(make_nginx, loops):
 
 
 @pytest.mark.parametrize("app,status,ok", [("dead", 502, False), ("gone", 502, False), ("big", 200, True),
-                                                ("chunked", 200, True)])
+                                           ("chunked", 200, True)])
 def test_the_status_decides_and_the_body_is_skipped(make_nginx, loops, app, status, ok):
     nginx = make_nginx()
     loop = loops(nginx.port)

@@ -13,7 +13,10 @@ from healthcheck.probe_loop import ProbeLoop
 from healthcheck.prober import Prober
 from support import (COUNTING_DOCKER, PREFIX, FakeClock, Service, StatusServer, http, name_for, unique_app, until,
                      wait_for)
-from test_probe_loop import make_nginx  # noqa: F401 (a fixture: a real nginx on a loopback port)
+import test_probe_loop
+
+
+make_nginx = test_probe_loop.make_nginx  # the fixture: a real nginx on a loopback port
 
 
 def ok(app):
