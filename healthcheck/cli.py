@@ -195,7 +195,7 @@ def maintain(args):
         sys.stdout.flush()
         time.sleep(seconds)
         print("done: the entry balancer %s" % ("sends no new requests here" if args.command == "drain"
-                                                else "can send requests here again"))
+                                               else "can send requests here again"))
     return 0
 
 

@@ -89,7 +89,8 @@ class DockerCLI(object):
             raise errors.DockerTimeout("%s did not finish within %gs; killed" % (" ".join(argv[:2]), self.timeout_s))
         except _TooBig:
             kill_group(proc)
-            raise errors.DockerOutputError("%s printed more than %d bytes; killed" % (" ".join(argv[:2]), self._max_output_bytes))
+            raise errors.DockerOutputError("%s printed more than %d bytes; killed" % (
+                " ".join(argv[:2]), self._max_output_bytes))
         finally:
             for pipe in (proc.stdout, proc.stderr):
                 pipe.close()

@@ -44,7 +44,7 @@ class DrainState(object):
 
     def to_json(self):
         return json.dumps({"version": 1, "drains": {app: {"reason": d.reason, "since": d.since}
-                                                     for app, d in sorted(self.drains.items())}},
+                                                    for app, d in sorted(self.drains.items())}},
                           indent=1, sort_keys=True) + "\n"
 
     @classmethod

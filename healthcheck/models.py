@@ -73,7 +73,8 @@ class Container(collections.namedtuple("Container", _CONTAINER_FIELDS)):
         name = obj.get("names") or ""
         return cls(obj.get("container_id") or "", name, (name,), obj.get("image") or "", obj.get("command") or "",
                    obj.get("created") or 0, obj.get("state") or "", obj.get("status") or "",
-                   obj.get("health") or "none", tuple(Port.from_dict(p) for p in obj.get("port") or () if isinstance(p, dict)))
+                   obj.get("health") or "none",
+                   tuple(Port.from_dict(p) for p in obj.get("port") or () if isinstance(p, dict)))
 
 
 PROBE_PENDING = "first probe has not finished yet"
@@ -193,7 +194,6 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
         if self.probe is not None:
             envelope["probe"] = self.probe.to_dict()
         return envelope
-
 
     @classmethod
     def from_envelope(cls, app, envelope, short=""):

@@ -65,11 +65,11 @@ def _age(seconds):
 
 def _page(title, meta, body, refresh_s, query):
     return text.utf8("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"refresh\" content=\"%d\"><title>%s</title><style>%s</style></head><body>"
-            "<header><h1>%s</h1><span class=\"meta\">%s</span>"
-            "<form method=\"get\"><input id=\"filter\" name=\"q\" placeholder=\"filter apps\" value=\"%s\" "
-            "autocomplete=\"off\"></form></header>%s<script>%s</script></body></html>\n" % (
-                refresh_s, _e(title), STYLE, _e(title), meta, _e(query), body, SCRIPT))
+                     "<meta http-equiv=\"refresh\" content=\"%d\"><title>%s</title><style>%s</style></head><body>"
+                     "<header><h1>%s</h1><span class=\"meta\">%s</span>"
+                     "<form method=\"get\"><input id=\"filter\" name=\"q\" placeholder=\"filter apps\" value=\"%s\" "
+                     "autocomplete=\"off\"></form></header>%s<script>%s</script></body></html>\n" % (
+                         refresh_s, _e(title), STYLE, _e(title), meta, _e(query), body, SCRIPT))
 
 
 def _verdict_cell(report):
@@ -99,7 +99,8 @@ def render_host_page(view, probe_ages, host, query="", refresh_s=2, now=None):
     for report in ordered:
         serving = report.serving
         rows.append(
-            '<tr data-app="%s"><th>%s</th>%s<td>%s</td><td title="%s">%s</td><td>%s</td><td>%s</td>%s<td>%d</td></tr>' % (
+            '<tr data-app="%s"><th>%s</th>%s<td>%s</td><td title="%s">%s</td><td>%s</td><td>%s</td>%s'
+            '<td>%d</td></tr>' % (
                 _e(report.app.lower()), _e(report.app), _verdict_cell(report),
                 _e(serving.name if serving else ""),
                 _e(serving.command if serving else ""), _e((serving.command or "")[:60] if serving else ""),
@@ -108,7 +109,8 @@ def render_host_page(view, probe_ages, host, query="", refresh_s=2, now=None):
     healthy = sum(1 for r in view.reports if r.healthy)
     meta = "%d apps, %d healthy &middot; container list %s old%s &middot; %s" % (
         len(view.reports), healthy, _e(_age(view.snapshot_age_s)),
-        (" &middot; <b>docker not answering: list %s old</b>" % _e(_age(view.stale_s))) if view.stale_s is not None else "",
+        (" &middot; <b>docker not answering: list %s old</b>" % _e(_age(view.stale_s)))
+        if view.stale_s is not None else "",
         _e(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))))
     body = ("<table><thead><tr><th>app</th><th>verdict</th><th>container</th><th>command</th><th>docker status</th>"
             "<th>health</th><th>probe</th><th>containers</th></tr></thead><tbody>%s</tbody></table>" % "".join(rows))

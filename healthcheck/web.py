@@ -159,7 +159,8 @@ def query_flags(allowed):
         elif lowered in _FALSE:
             flags[name] = False
         else:
-            raise errors.InvalidInput("query parameter %s must be true or false, not %s" % (name, _printable(value)[:64]))
+            raise errors.InvalidInput("query parameter %s must be true or false, not %s" % (
+                name, _printable(value)[:64]))
     return flags
 
 

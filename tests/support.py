@@ -373,7 +373,7 @@ http {
 %(body)s
 }
 """ % {"mods": NGINX_MODULES, "dir": workdir, "log": self.error_log, "lua": LUA_DIR, "size": dict_size,
-               "body": http_body.replace("{port}", str(self.port))})
+                "body": http_body.replace("{port}", str(self.port))})
         self.proc = None
         if start:
             self.start()

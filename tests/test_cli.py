@@ -10,9 +10,8 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (child_pids, parse_logfmt, cmdline, COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service, StatusServer, free_port,
-                     http, name_for, run_cli, unique_app, wait_for)
-
+from support import (child_pids, parse_logfmt, cmdline, COUNTING_DOCKER, FAKE_DOCKER, PREFIX, ROOT, Service,
+                     StatusServer, free_port, http, name_for, run_cli, unique_app, wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,8 @@ def status_of(svc, app, query=""):
 def test_running_container_is_200_with_the_go_fields(service, docker):
     app = unique_app()
     cid = docker.run(name_for(app, 1709878117))
-    status, body = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(status_of(service, app)), 5) or status_of(service, app)
+    status, body = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(status_of(service, app)), 5) \
+        or status_of(service, app)
     assert status == 200 and body["code"] == 0 and body["status"] == "ok"
     message = body["message"]
     assert message["container_id"] == cid[:10]
@@ -167,10 +167,6 @@ def test_dead_container_seen_within_a_second_by_events(docker_engine, docker, tm
         assert wait_status(svc, app, 200, 5)[0] == 200 and time.monotonic() - started < 1.0
 
 
-
-
-
-
 def test_events_stream_restarts_after_its_process_is_killed(docker_engine, docker):
     app = unique_app()
     docker.run(name_for(app))
@@ -293,7 +289,8 @@ def test_go_style_flags_and_log_file(docker_engine, docker, tmp_path):
     assert "level=warning" in text and "app %s is not healthy" % dead in text
     for line in text.splitlines():
         fields = parse_logfmt(line)  # every line is one logfmt event, like logrus' text format
-        assert set(fields) >= {"time", "level", "msg"} and fields["level"] in ("debug", "info", "warning", "error"), line
+        assert set(fields) >= {"time", "level", "msg"}, line
+        assert fields["level"] in ("debug", "info", "warning", "error"), line
     assert "ghost" not in text.replace("GET /hc/apps/health/ghost", "")
 
 
@@ -371,8 +368,8 @@ def test_what_go_tool_users_relied_on_against_the_running_service(docker_engine,
     for line in lines:
         fields = parse_logfmt(line)
         assert {"time", "level", "msg"} <= set(fields), line
-    assert any(parse_logfmt(l).get("msg") == "GET /container-healthcheck/apps/health/%s?_=1709878117" % app
-               and parse_logfmt(l).get("status") == "200" for l in lines), lines[-10:]
+    assert any(parse_logfmt(line).get("msg") == "GET /container-healthcheck/apps/health/%s?_=1709878117" % app
+               and parse_logfmt(line).get("status") == "200" for line in lines), lines[-10:]
 
 
 def _code_of(svc, app, code, timeout_s=5):

@@ -76,13 +76,15 @@ def test_a_drained_app_is_not_healthy_with_code_17_and_the_reason():
 
 def test_cli_drain_and_undrain(tmp_path):
     state_dir = str(tmp_path / "state")
-    done = run_cli("drain", "--app", "bk_iam", "--app", "bk_job", "--reason", "disk swap", "--state-dir", state_dir, text=True)
+    done = run_cli("drain", "--app", "bk_iam", "--app", "bk_job", "--reason", "disk swap", "--state-dir", state_dir,
+                   text=True)
     assert done.returncode == 0 and "drained: bk_iam, bk_job" in done.stdout
     doc = json.load(open(os.path.join(state_dir, "drain.json")))
     assert sorted(doc["drains"]) == ["bk_iam", "bk_job"] and doc["drains"]["bk_iam"]["reason"] == "disk swap"
     done = run_cli("undrain", "--app", "bk_job", "--state-dir", state_dir, text=True)
     assert done.returncode == 0 and "now drained: bk_iam" in done.stdout
-    done = run_cli("drain", "--state-dir", state_dir, "--wait", "--entry-interval", "0.1", "--entry-fall", "2", text=True)
+    done = run_cli("drain", "--state-dir", state_dir, "--wait", "--entry-interval", "0.1", "--entry-fall", "2",
+                   text=True)
     assert done.returncode == 0 and "waiting 1.3 s" in done.stdout and "sends no new requests here" in done.stdout
     assert run_cli("undrain", "--state-dir", state_dir, text=True).stdout.splitlines()[-1] == "now drained: nothing"
 

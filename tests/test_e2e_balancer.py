@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from support import IMAGE, LUA_DIR, NGINX_MODULES, ROOT, LoopbackServer, start_nginx, stop_nginx, Service, child_pids, free_port, run_cli, wait_for
+from support import (IMAGE, LUA_DIR, NGINX_MODULES, ROOT, LoopbackServer, Service, child_pids, free_port, run_cli,
+                     start_nginx, stop_nginx, wait_for)
 
 APP = "demo"
 NAME = "demo-1700000000"
@@ -110,8 +111,12 @@ http {
     upstream app { server %(ip)s:9000 max_fails=0; server %(ip)s:9001 max_fails=0; }
     server {
         listen %(ip)s:%(ngx)d;
-        location /container-healthcheck { proxy_pass http://%(ip)s:%(hc)d; proxy_connect_timeout 1s; proxy_read_timeout 7s; }
-        location /o/%(app)s/post { proxy_pass http://app/cgi-bin/post; proxy_connect_timeout 1s; proxy_read_timeout 3s; }
+        location /container-healthcheck {
+            proxy_pass http://%(ip)s:%(hc)d; proxy_connect_timeout 1s; proxy_read_timeout 7s;
+        }
+        location /o/%(app)s/post {
+            proxy_pass http://app/cgi-bin/post; proxy_connect_timeout 1s; proxy_read_timeout 3s;
+        }
         # one endpoint of the app broken on every APPO (its worker died): this Nginx answers 502
         location = /o/%(app)s/broken { return 502; }
         # answered by this Nginx alone (appo-paasagent.conf as shipped)
@@ -229,7 +234,7 @@ http {
     }
 }
 """ % {"lua": LUA_DIR, "a": appos[0].addr, "b": appos[1].addr, "port": entry_port,
-       "interval": INTERVAL, "fall": FALL, "rise": RISE, "eject_memory": EJECT_MEMORY, "keep_stale": KEEP_STALE})
+            "interval": INTERVAL, "fall": FALL, "rise": RISE, "eject_memory": EJECT_MEMORY, "keep_stale": KEEP_STALE})
     entry = _run_nginx(conf)
     state = {"appos": appos, "entry_port": entry_port, "workdir": workdir}
     traffic = Traffic(entry_port)
@@ -441,7 +446,8 @@ backend %(app)s
     server appo3 %(b)s check
 """ % {"sock": sock_path, "port": free_port(), "app": APP, "a": appo2.addr, "b": appo3.addr})
     proc = subprocess.Popen(["haproxy", "-db", "-f", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: os.path.exists(sock_path) and _haproxy_stat(sock_path) == {"appo2": "UP", "appo3": "UP"}, 15), \
+    both_up = {"appo2": "UP", "appo3": "UP"}
+    assert wait_for(lambda: os.path.exists(sock_path) and _haproxy_stat(sock_path) == both_up, 15), \
         _haproxy_stat(sock_path) if os.path.exists(sock_path) else "no socket"
     return proc, sock_path
 
@@ -584,7 +590,8 @@ def apply_readme_steps(workdir, nginx_conf, paas_conf, snippets, extra_init="", 
     folder added to the existing lua_package_path, entry-http.conf included in http { }, and
     BlueKing's /t/ and /o/ locations replaced by entry-paas.conf. The snippets are used as
     shipped but for the test's faster timing and extra_init (e.g. 5.x's shared_upstream)."""
-    nginx_conf = nginx_conf.replace('lua_package_path "', 'lua_package_path "%s/?.lua;%s/?/init.lua;' % (LUA_DIR, LUA_DIR), 1)
+    nginx_conf = nginx_conf.replace('lua_package_path "',
+                                    'lua_package_path "%s/?.lua;%s/?/init.lua;' % (LUA_DIR, LUA_DIR), 1)
     http = open(os.path.join(snippets, "entry-http.conf")).read()
     assert SHIPPED_TIMING in http
     http = http.replace(SHIPPED_TIMING, timing + " " + extra_init, 1)
@@ -798,7 +805,8 @@ def _metrics_agree_with_status(port, addrs):
     JSON says, read at one moment (retried until both were read between two changes)."""
     samples, status = scrape(port), entry_status(port)
     for addr in addrs:
-        if _value(samples, "container_healthcheck_peer_up", app=APP, appo=addr) != (1 if usable_at(port, APP, addr) else 0):
+        usable = 1 if usable_at(port, APP, addr) else 0
+        if _value(samples, "container_healthcheck_peer_up", app=APP, appo=addr) != usable:
             return False
         appo = status["appos"].get(addr) or {}
         if _value(samples, "container_healthcheck_appo_up", appo=addr) != (1 if appo.get("up") else 0):
@@ -837,7 +845,8 @@ def test_27_the_entry_s_metrics_agree_with_its_status_and_count_what_happened(he
     samples = scrape(port)
     assert _value(samples, "container_healthcheck_app_usable_appos", app=APP) == 0
     assert _value(samples, "container_healthcheck_app_failing_open", app=APP, to="all") == 1
-    assert _value(samples, "container_healthcheck_dict_capacity_bytes") > _value(samples, "container_healthcheck_dict_free_bytes") > 0
+    free = _value(samples, "container_healthcheck_dict_free_bytes")
+    assert _value(samples, "container_healthcheck_dict_capacity_bytes") > free > 0
     assert _value(samples, "container_healthcheck_lua_errors_total", where="balance") == 0
     # heartbeats are counted by the channel and added to the dict every 5 s
     assert wait_for(lambda: _value(scrape(port), "container_healthcheck_heartbeat_lateness_seconds_count",
@@ -962,12 +971,14 @@ def test_15_entry_matrix_in_a_browser(healthy, browser):
             return page.evaluate(
                 "Array.from(document.querySelectorAll('tbody tr')).map(function(r){return [r.getAttribute('data-app'),"
                 "Array.from(r.querySelectorAll('td')).map(function(c){return c.className+'='+c.textContent})]})")
+
         def demo_drained():
             rows = dict(cells())
             return rows[APP] if APP in rows and any("bad=draining" in x for x in rows[APP]) else None
         row = wait_for(demo_drained, 15)
         assert row, cells()
-        heads = page.evaluate("Array.from(document.querySelectorAll('thead th')).map(function(h){return h.textContent})")
+        heads = page.evaluate("Array.from(document.querySelectorAll('thead th'))"
+                              ".map(function(h){return h.textContent})")
         by_appo = dict(zip(heads[1:], row))
         assert by_appo[[h for h in heads if h.startswith(healthy["appos"][0].addr)][0]].startswith("ok=healthy")
         assert by_appo[[h for h in heads if h.startswith(appo3.addr)][0]].startswith("bad=draining: disk <img")
@@ -1125,7 +1136,7 @@ def trial(entry, name, event, watch_s, restore=None):
     get_failed = [r for r in gets if r[2] != 200]
     post_failed = [r for r in posts if r[2] != 200]
     print("\n%s: GET failed %d / %d, POST failed %d / %d" % (name, len(get_failed), len(gets), len(post_failed),
-                                                          len(posts)))
+                                                             len(posts)))
     assert len(gets) > watch_s * 20 and len(posts) > watch_s * 5, (len(gets), len(posts))
     return get_failed, post_failed, records
 

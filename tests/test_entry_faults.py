@@ -112,8 +112,9 @@ FULL_DICT = """location = /fill { content_by_lua_block {
             local dict = ngx.shared.container_healthcheck
             local key = "e:demo|" .. ngx.var.arg_addr
             local value = dict:get(key)
+            local queued = dict:llen("ejq:" .. ngx.var.arg_addr) or 0
             ngx.say(string.format('{"value":%s,"ttl":%s,"queued":%d}', value and ('"' .. value .. '"') or "false",
-                                  value and tostring(dict:ttl(key)) or "false", dict:llen("ejq:" .. ngx.var.arg_addr) or 0))
+                                  value and tostring(dict:ttl(key)) or "false", queued))
         } }"""
 
 

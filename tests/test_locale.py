@@ -98,7 +98,8 @@ def _json_values():
     # Text with every code point, lone surrogates included (written as \udcXX escapes).
     any_text = st.text(alphabet=st.characters(blacklist_categories=()), max_size=40)
     scalars = st.none() | st.booleans() | st.integers() | st.floats() | any_text
-    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
+    return st.recursive(scalars,
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner, max_size=3),
                         max_leaves=8)
 
 

@@ -21,7 +21,8 @@ def nginx(tmp_path_factory):
         listen 127.0.0.1:{port};
         location = /units { content_by_lua_file %s/test_units.lua; }
     }""" % TESTS_LUA)
-    yield urllib.request.build_opener(urllib.request.ProxyHandler({})), "http://127.0.0.1:%d/units" % server.port, workdir
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    yield opener, "http://127.0.0.1:%d/units" % server.port, workdir
     server.stop()
 
 

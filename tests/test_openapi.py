@@ -10,7 +10,6 @@ from healthcheck.web import load_openapi, make_app
 from support import Service, name_for, unique_app, wait_for
 
 
-
 def test_document_is_valid_openapi_3():
     document = load_openapi("/container-healthcheck")
     validate(document)

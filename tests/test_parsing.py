@@ -1,4 +1,5 @@
-"""Parser tests over every fixture line from Docker 1.13 to 28 (tests/fixtures/docker-ps, copied from the shared fixtures)."""
+"""Parser tests over every fixture line from Docker 1.13 to 28 (tests/fixtures/docker-ps, copied from the
+shared fixtures)."""
 import glob
 import json
 import os
@@ -23,7 +24,8 @@ def _expected_rows():
             lines = raw.read().splitlines()
         with open(path) as handle:
             for row in map(json.loads, handle):
-                rows.append(pytest.param(lines[row["line"] - 1], row, id="%s-%d-%s" % (version, row["line"], row["scenario"])))
+                rows.append(pytest.param(lines[row["line"] - 1], row,
+                                         id="%s-%d-%s" % (version, row["line"], row["scenario"])))
     return rows
 
 
@@ -60,7 +62,7 @@ def test_captured_output_parses_and_agrees_with_the_daemon(path):
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     containers = parsing.parse_ps_output(text)
-    raw = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+    raw = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert len(containers) == len(raw)
     for container, fields in zip(containers, raw):
         if "State" in fields:

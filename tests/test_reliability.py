@@ -17,11 +17,6 @@ from support import (child_pids, cmdline, FAKE_DOCKER, FIXTURES, PREFIX, ROOT, S
                      wait_for)
 
 
-
-
-
-
-
 def _load(svc, path, stop, results, keepalive=True):
     import http.client as hc
     conn = hc.HTTPConnection(svc.host, svc.port, timeout=10)
@@ -53,7 +48,8 @@ def test_dockerd_stopped_under_load_then_started(docker_engine, tmp_path):
     env = dict(os.environ, DOCKER_HOST=host)
     app = unique_app()
     try:
-        subprocess.run(["docker", "rm", "-f", name_for(app)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["docker", "rm", "-f", name_for(app)], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
         # --stop-timeout 1: `sleep` as PID 1 ignores SIGTERM, and the daemon's stop would wait 10 s
         subprocess.run(["docker", "run", "-d", "--network", "none", "--stop-timeout", "1", "--name", name_for(app),
                         "hc-busybox:test", "sleep", "3600"], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -111,6 +107,7 @@ def test_hanging_docker_keeps_one_docker_process_and_bounded_answers(tmp_path):
     assert peak <= 1
     assert results and all(elapsed < 1 + 1 for _, elapsed, _, _ in results)
     assert all(status == 503 for _, _, status, _ in results)
+
     def leftovers():
         found = subprocess.run(["pgrep", "-f", fake_docker], stdout=subprocess.PIPE, universal_newlines=True).stdout
         return [p for p in found.split() if int(p) != pid]
@@ -191,7 +188,8 @@ def test_sighup_reopens_logs_without_dropping_requests(docker_engine, docker, tm
             thread.join(5)
     assert all(r[2] == 200 for r in results)
     assert (logdir / "container-healthcheck.log").exists()
-    assert 'msg="GET %s/apps/health/%s" status=200' % (PREFIX, app) in (logdir / "container-healthcheck.log").read_text()
+    logged = (logdir / "container-healthcheck.log").read_text()
+    assert 'msg="GET %s/apps/health/%s" status=200' % (PREFIX, app) in logged
 
 
 def test_unwritable_log_path_does_not_stop_answers(tmp_path):
@@ -241,7 +239,7 @@ def test_docker_argv_is_fixed_whatever_the_app_code(logged_service):
     svc, log = logged_service
     for app in ("okapp", "a-b.c_d", "A" * 64):
         http(svc.port, PREFIX + "/apps/health/" + app)
-    lines = [l for l in log.read_text().splitlines() if l.startswith("ps ")]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("ps ")]
     assert lines and set(lines) == {" ".join(PS_ARGS)}
 
 

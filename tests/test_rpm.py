@@ -396,7 +396,7 @@ def test_unit_passes_systemd_analyze_verify(rpms, tmp_path):
     path.write_text(unit.replace("/usr/bin/container-healthcheck", str(root / "usr/bin/container-healthcheck")))
     proc = subprocess.run(["systemd-analyze", "verify", str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
-    problems = [l for l in proc.stdout.splitlines() if "container-healthcheck.service" in l]
+    problems = [line for line in proc.stdout.splitlines() if "container-healthcheck.service" in line]
     assert proc.returncode == 0 and not problems, proc.stdout
 
 

@@ -30,8 +30,6 @@ class Fetch(object):
         return ["list %d" % n]
 
 
-
-
 @pytest.fixture
 def make():
     made = []

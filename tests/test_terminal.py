@@ -70,7 +70,8 @@ def test_the_table_is_the_same_from_reports_and_from_their_apps_answer():
     """`apps --direct` renders the reports; `apps` renders the service's /apps answer read
     back: one model, so both print the same table."""
     reports = [
-        verdict.decide("ok", [_container("ok-1709878117")], probe=ProbeResult(True, "http://127.0.0.1/o/ok/", 200, None)),
+        verdict.decide("ok", [_container("ok-1709878117")],
+                       probe=ProbeResult(True, "http://127.0.0.1/o/ok/", 200, None)),
         verdict.decide("bad", [_container("bad-1709878117")],
                        probe=ProbeResult(False, "http://127.0.0.1/o/bad/", None, "timed out", "timeout")),
         verdict.decide("gone", [_container("gone-1709878117", "exited", "Exited (1) 3 minutes ago")], True),

@@ -21,11 +21,13 @@ from healthcheck.snapshot import Snapshotter
 from healthcheck.web import Instrumented, make_app
 from support import ROOT
 
+_PS_LINE = ('{"ID":"%s","Names":"%s","Image":"img","Command":"\\"sleep 1\\"",'
+            '"CreatedAt":"2024-03-08 14:08:39 +0800 CST","Status":"%s","Ports":"%s"}')
 PS = "\n".join([
-    '{"ID":"%s","Names":"good-1700000000","Image":"img","Command":"\\"sleep 1\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST","Status":"Up 5 days","Ports":"0.0.0.0:8080->80/tcp"}' % ("a" * 64),
-    '{"ID":"%s","Names":"paused-1700000000","Image":"img","Command":"\\"sleep 1\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST","Status":"Up 5 days (Paused)","Ports":""}' % ("b" * 64),
-    '{"ID":"%s","Names":"gone-1700000000","Image":"img","Command":"\\"sleep 1\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST","Status":"Exited (0) 5 days ago","Ports":""}' % ("c" * 64),
-    '{"ID":"%s","Names":"probed-1700000000","Image":"img","Command":"\\"sleep 1\\"","CreatedAt":"2024-03-08 14:08:39 +0800 CST","Status":"Up 5 days","Ports":""}' % ("d" * 64),
+    _PS_LINE % ("a" * 64, "good-1700000000", "Up 5 days", "0.0.0.0:8080->80/tcp"),
+    _PS_LINE % ("b" * 64, "paused-1700000000", "Up 5 days (Paused)", ""),
+    _PS_LINE % ("c" * 64, "gone-1700000000", "Exited (0) 5 days ago", ""),
+    _PS_LINE % ("d" * 64, "probed-1700000000", "Up 5 days", ""),
 ])
 
 
