@@ -1,96 +1,24 @@
-"""Entry point: parse flags, set up logging, wire the parts, serve or check; exit codes."""
-import io
+"""The commands: serve, check, apps, drain and undrain, and their exit codes. The service's
+wiring is service.py's; output in any locale, console.py's; asking a running service, client.py's."""
 import json
 import logging
-import os
 import shutil
 import sys
 import time
 
-from healthcheck import __version__, drain, logs, terminal, text
+from healthcheck import __version__, client, drain, logs, terminal, text
 from healthcheck.apps_answer import reports_from_apps_answer
-from healthcheck.checker import Checker
 from healthcheck.config import parse_args
-from healthcheck.docker import DockerCLI
+from healthcheck.console import never_raising_std_streams, write_json
 from healthcheck.errors import HealthcheckError, InvalidInput
-from healthcheck.events import EventsWatcher
-from healthcheck.feed import Feed
-from healthcheck.matching import NamePattern, validate_app_code
+from healthcheck.matching import validate_app_code
 from healthcheck.metrics import Metrics
-from healthcheck.probe_loop import ProbeLoop
-from healthcheck.prober import Prober
 from healthcheck.render import Renderer, render_error
-from healthcheck.snapshot import Snapshotter
-from healthcheck.verdict_log import VerdictLog
+from healthcheck.service import Service
 
 log = logging.getLogger("healthcheck")
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNKNOWN = 0, 1, 2
-
-
-class Service(object):
-    """Everything one running instance owns, started and stopped together."""
-
-    def __init__(self, args, metrics, refresh_s, max_stale_s, probe_ttl_s=2.0, probe_workers=1,
-                 events=False, safety_refresh_s=60.0, probe_wait_s=None, feed_waiters=None):
-        self.metrics = metrics
-        self.feed = None  # made below once the checker exists; pokes before that are dropped
-        self.drains = drain.DrainWatcher(drain.state_path(args.state_dir))
-        self.docker = DockerCLI(args.docker_bin, args.docker_timeout, env=os.environ,
-                                observe=metrics.docker_call)
-        self.snapshotter = Snapshotter(self.docker.list_containers, refresh_s, max_stale_s,
-                                       wait_s=args.docker_timeout + 0.5, safety_refresh_s=safety_refresh_s,
-                                       on_change=self._poke_feed)
-        self.prober = _make_prober(args, metrics, probe_ttl_s, probe_workers, self._poke_feed) \
-            if args.ngx_port else None
-        self.checker = Checker(self.snapshotter, NamePattern(args.name_pattern), prober=self.prober,
-                               probe_wait_s=args.probe_timeout if probe_wait_s is None else probe_wait_s,
-                               observe=VerdictLog(), drains=self.drains)
-        self.events = EventsWatcher(self.docker, self.snapshotter.invalidate, metrics,
-                                    on_up=self.snapshotter.set_events_up) if events else None
-        if feed_waiters is not None:
-            self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_evidence, feed_waiters,
-                             watch=self.drains.current, settle_s=args.probe_timeout + 0.5 if self.prober else 0.0)
-        metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages,
-                            (lambda: self.feed.holding) if self.feed is not None else None)
-
-    def _poke_feed(self):
-        if self.feed is not None:
-            self.feed.poke()
-
-    def start(self):
-        if self.feed is not None:
-            self.feed.start()
-        self.snapshotter.start()
-        if self.prober is not None:
-            self.prober.start()
-        if self.events is not None:
-            self.events.start()
-        return self
-
-    def stop(self):
-        if self.events is not None:
-            self.events.stop()
-        if self.prober is not None:
-            self.prober.stop()
-        self.snapshotter.stop()
-        if self.feed is not None:
-            self.feed.stop()
-
-
-def _make_prober(args, metrics, ttl_s, workers, on_change):
-    """Probes from one thread over at most `workers` keep-alive connections to the APPO Nginx."""
-    loop = ProbeLoop(args.ngx_host, args.ngx_port, args.probe_timeout, args.probe_bad_status,
-                     max_connections=workers)
-
-    def observe(app, result, changed):
-        metrics.probe_done(result)
-        if changed:
-            on_change()
-            if not result.ok:
-                log.warning("probe for %s: %s", app, result.describe())
-
-    return Prober(loop, ttl_s, workers, observe=observe, url_of=loop.url_of)
 
 
 def serve(args):
@@ -199,24 +127,6 @@ def maintain(args):
     return 0
 
 
-def _apps_from_service(url, include_all, timeout_s):
-    """(answer bytes or None, problem) from the running service's /apps."""
-    import urllib.request
-    target = url.rstrip("/") + "/apps" + ("?all=true" if include_all else "")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
-    try:
-        with opener.open(urllib.request.Request(target, headers={"Accept": "application/json"}),
-                         timeout=timeout_s) as response:
-            return response.read(), None
-    except urllib.error.HTTPError as exc:
-        try:
-            return None, json.loads(exc.read().decode("utf-8")).get("message", str(exc))
-        except (ValueError, AttributeError):
-            return None, str(exc)
-    except (OSError, ValueError) as exc:  # ValueError: a URL http.client cannot send
-        return None, "cannot ask %s: %s" % (target, exc)
-
-
 def _apps_direct(args):
     """(AppsView or None, problem), asking docker and probing here, each app's probe awaited."""
     service = Service(args, Metrics(), refresh_s=60.0, max_stale_s=0.0, probe_workers=32,
@@ -240,7 +150,7 @@ def apps_table(args):
         body = Renderer().apps(view, args.all).body if view is not None else None
         reports = view.reports if view is not None else None
     else:
-        body, problem = _apps_from_service(args.url, args.all, args.docker_timeout + 2)
+        body, problem = client.apps_answer(args.url, args.all, args.docker_timeout + 2)
         reports = None
         if body is not None:
             try:
@@ -257,34 +167,10 @@ def apps_table(args):
     return EXIT_HEALTHY if all(r.healthy for r in reports) else EXIT_UNHEALTHY
 
 
-def write_json(body):
-    """JSON bytes as they are (UTF-8, as JSON is), whatever the locale's encoding."""
-    sys.stdout.flush()
-    out = getattr(sys.stdout, "buffer", None)
-    if out is None:  # a text-only stream (tests): give it text
-        sys.stdout.write(body.decode("utf-8") + "\n")
-    else:
-        out.write(body + b"\n")
-        out.flush()
-
-
-def _never_raising_std_streams():
-    """stdout and stderr that show what their encoding cannot (the C locale's ASCII) as
-    \\uXXXX escapes instead of raising, so no output can turn an answer into a crash."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        buffer = getattr(stream, "buffer", None)
-        if buffer is None or getattr(stream, "errors", None) == "backslashreplace":
-            continue
-        stream.flush()
-        setattr(sys, name, io.TextIOWrapper(buffer, encoding=stream.encoding or "utf-8", errors="backslashreplace",
-                                            line_buffering=True))
-
-
 def main(argv=None):
     """Run a command; its exit code always means what README says (0 healthy, 1 unhealthy,
     2 could not tell), even when something unforeseen fails."""
-    _never_raising_std_streams()
+    never_raising_std_streams()
     argv = [text.from_argv(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     args = parse_args(argv)
     try:

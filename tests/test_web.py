@@ -3,21 +3,20 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 import wsgiref.util
 import wsgiref.validate
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from healthcheck.checker import Checker
-from healthcheck.feed import Feed
+from healthcheck.config import parse_args
 from healthcheck.errors import DockerUnreachable
-from healthcheck.matching import NamePattern
 from healthcheck.metrics import Metrics
 from healthcheck.models import ProbeResult
 from healthcheck.parsing import parse_ps_output
-from healthcheck.prober import Prober
-from healthcheck.snapshot import Snapshotter
+from healthcheck.service import Service
 from healthcheck.web import Instrumented, make_app
 from support import ROOT
 
@@ -32,18 +31,22 @@ PS = "\n".join([
 
 
 class Harness(object):
+    """The service as `serve` wires it (service.Service), with docker and the probe replaced by
+    fakes, behind the web app in-process."""
+
     def __init__(self, fetch=None, probe=None, prefix="/container-healthcheck", allow=None):
         self.fetch_calls = 0
 
         def default_fetch():
             self.fetch_calls += 1
             return parse_ps_output(PS)
-        self.snapshotter = Snapshotter(fetch or default_fetch, refresh_s=60, max_stale_s=0).start()
+        self.state_dir = tempfile.mkdtemp(prefix="hc-web-")
         self.metrics = Metrics()
-        self.prober = Prober(probe, ttl_s=60, workers=4).start() if probe is not None else None
-        self.checker = Checker(self.snapshotter, NamePattern(), prober=self.prober, probe_wait_s=2.0)
-        self.metrics.set_sources(self.snapshotter.age_s, self.checker.current_reports, self.checker.probe_ages)
-        self.feed = Feed(lambda: self.checker.check_all(False), self.checker.probe_evidence, max_waiters=2).start()
+        self.service = Service(parse_args(["serve", "--ngx-port", "0", "--state-dir", self.state_dir]), self.metrics,
+                               refresh_s=60, max_stale_s=0, probe_ttl_s=60, probe_workers=4, probe_wait_s=2.0,
+                               feed_waiters=2, list_containers=fetch or default_fetch, probe=probe).start()
+        self.snapshotter, self.prober = self.service.snapshotter, self.service.prober
+        self.checker, self.feed = self.service.checker, self.service.feed
         self.app = wsgiref.validate.validator(
             Instrumented(make_app(self.checker, self.metrics, prefix, feed=self.feed), self.metrics, allow))
         self.prefix = prefix
@@ -74,10 +77,8 @@ class Harness(object):
         return status, json.loads(body.decode("utf-8"))
 
     def close(self):
-        self.feed.stop()
-        self.snapshotter.stop()
-        if self.prober is not None:
-            self.prober.stop()
+        self.service.stop()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 @pytest.fixture
