@@ -37,10 +37,5 @@ class BoundedCache(object):
     def __len__(self):
         return len(self._entries)
 
-    def __iter__(self):
-        """The keys, oldest written first (a copy: writers may go on meanwhile)."""
-        with self._lock:
-            return iter(list(self._entries))
-
     def __contains__(self, key):
         return key in self._entries

@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+from healthcheck.text import loggable
+
 LOG_FILE_NAME = "container-healthcheck.log"
 # Every level the Go tool (logrus) accepted, so an operator's OPTS keep working.
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -19,16 +21,6 @@ LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, 
 _LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
                 logging.ERROR: "error", logging.CRITICAL: "fatal"}
 _BARE_VALUE = re.compile(r"[A-Za-z0-9_.:/@^+-]+\Z")
-
-
-def loggable(text):
-    """text that any log stream can take: a lone surrogate (undecodable input) is written
-    as its \\udcXX escape instead of making the handler drop the line."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def logfmt_value(value):

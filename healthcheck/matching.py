@@ -1,5 +1,7 @@
 """Which containers belong to an app: app code validation and the name pattern (pure)."""
 import re
+
+from healthcheck import text
 from healthcheck.bounded import BoundedCache
 from healthcheck.errors import ConfigError, InvalidInput
 
@@ -17,7 +19,7 @@ def validate_app_code(app):
     """:raises InvalidInput: app is not a BlueKing app code, so it is never looked up."""
     if not isinstance(app, str) or not APP_CODE_RE.fullmatch(app):
         raise InvalidInput("invalid app_code %s: expected [A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-                           % _shorten(app))
+                           % text.quoted(app))
     return app
 
 
@@ -30,11 +32,6 @@ def check_name_template(template):
     except re.error as exc:
         raise ConfigError("--name-pattern %r is not a valid regex: %s" % (template, exc))
     return template
-
-
-def _shorten(value):
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class NamePattern(object):

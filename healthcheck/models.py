@@ -180,6 +180,18 @@ class HealthReport(collections.namedtuple("HealthReport", _REPORT_FIELDS)):
         return errors.CODE_DRAINING if self.drain is not None else errors.CODE_UNHEALTHY
 
     @property
+    def verdict_word(self):
+        """The verdict in one word for tables and pages: healthy, draining or UNHEALTHY."""
+        if self.healthy:
+            return "healthy"
+        return "draining" if self.drain is not None else "UNHEALTHY"
+
+    @staticmethod
+    def order(report):
+        """Sort key of every list of reports people read: the not healthy first, then by app."""
+        return (report.healthy, report.app)
+
+    @property
     def serving(self):
         """The container a table shows: the one answering, else the newest listed, else None."""
         return self.chosen or (self.containers[0] if self.containers else None)

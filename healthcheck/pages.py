@@ -5,6 +5,7 @@ import html
 import time
 
 from healthcheck import text
+from healthcheck.models import HealthReport
 
 # The same look as the entry Nginx's matrix (scripts/nginx/container_healthcheck/status.lua).
 STYLE = (
@@ -74,9 +75,9 @@ def _page(title, meta, body, refresh_s, query):
 
 def _verdict_cell(report):
     if report.healthy:
-        return '<td class="ok">healthy</td>'
+        return '<td class="ok">%s</td>' % report.verdict_word
     if report.drain is not None:
-        return '<td class="drain" title="%s">draining</td>' % _e(report.reason)
+        return '<td class="drain" title="%s">%s</td>' % (_e(report.reason), report.verdict_word)
     return '<td class="bad" title="%s">%s</td>' % (_e(report.reason), _e(report.short or "not healthy"))
 
 
@@ -95,7 +96,7 @@ def render_host_page(view, probe_ages, host, query="", refresh_s=2, now=None):
     :rtype: bytes"""
     now = time.time() if now is None else now
     rows = []
-    ordered = sorted(view.reports, key=lambda r: (r.healthy, r.app))
+    ordered = sorted(view.reports, key=HealthReport.order)
     for report in ordered:
         serving = report.serving
         rows.append(

@@ -1,7 +1,8 @@
 """This host's apps as an aligned table for a terminal, like `docker ps` (pure)."""
 import unicodedata
 
-from healthcheck import errors, text
+from healthcheck import text
+from healthcheck.models import HealthReport
 
 COLUMNS = ("APP", "VERDICT", "WHY", "CONTAINER", "STATUS", "HEALTH", "PROBE", "CONTAINERS")
 
@@ -22,21 +23,17 @@ def _pad(text, width):
 
 
 def _clean(value, limit=60):
-    shown = text.without_surrogates("" if value is None else str(value))
-    shown = "".join(ch if ch.isprintable() else " " for ch in shown)
+    shown = text.printable("" if value is None else str(value))
     return shown if display_width(shown) <= limit else shown[:limit - 1] + "…"
-
-
-_VERDICT_WORDS = {errors.CODE_OK: "healthy", errors.CODE_DRAINING: "draining"}
 
 
 def rows(reports):
     """Table rows from HealthReports, apps not healthy first."""
     out = []
-    for report in sorted(reports, key=lambda r: (r.healthy, r.app)):
+    for report in sorted(reports, key=HealthReport.order):
         serving = report.serving
         out.append((
-            report.app, _VERDICT_WORDS.get(report.code, "UNHEALTHY"), report.short,
+            report.app, report.verdict_word, report.short,
             serving.name if serving else "", serving.status if serving else "", serving.health if serving else "",
             report.probe.words if report.probe is not None else "-", str(len(report.containers))))
     return out

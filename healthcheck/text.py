@@ -28,8 +28,37 @@ def without_surrogates(text):
     return _SURROGATE.sub(REPLACEMENT, text)
 
 
-def has_surrogates(text):
-    return _SURROGATE.search(text) is not None
+def printable(text):
+    """text with no lone surrogates and every character a terminal would not print
+    (controls, format characters) as a space: for tables, where width is measured."""
+    return "".join(ch if ch.isprintable() else " " for ch in without_surrogates(text))
+
+
+def plain_words(text, limit):
+    """A reason in a few plain characters, for balancers' simple parsers and tables: no
+    quotes, backslashes, braces or unprintable characters, at most limit characters."""
+    return "".join(" " if (ch in '"\\{}' or not ch.isprintable()) else ch for ch in text)[:limit]
+
+
+def escaped(text):
+    """text for an error message about input: as it is when printable, else with escapes."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def quoted(value, limit=80):
+    """A value in an error message: its repr, at most limit characters."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
+
+
+def loggable(text):
+    """text that any log stream can take: a lone surrogate (undecodable input) is written
+    as its \\udcXX escape instead of making the handler drop the line."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def one_line(text, limit=None):

@@ -1,4 +1,5 @@
 """The health verdict for one app, from its containers and probe result (pure)."""
+from healthcheck import text
 from healthcheck.matching import name_timestamp
 from healthcheck.models import HealthReport
 
@@ -66,8 +67,6 @@ def _condition(container):
 _SHORT_MAX = 60
 
 
-def _short(text):
-    """A reason in a few plain characters: balancers' simple parsers and tables show it, so no
-    quotes, backslashes, braces or control characters, at most 60 characters."""
-    cleaned = "".join(" " if (ch in '"\\{}' or not ch.isprintable()) else ch for ch in text)
-    return cleaned[:_SHORT_MAX]
+def _short(words):
+    """A reason in a few plain characters (text.plain_words), at most 60."""
+    return text.plain_words(words, _SHORT_MAX)

@@ -8,7 +8,7 @@ import time
 
 import bottle
 
-from healthcheck import __version__, errors, feed_format as feeds, pages, render
+from healthcheck import __version__, errors, feed_format as feeds, pages, render, text
 from healthcheck.bounded import BoundedCache
 from healthcheck.matching import validate_app_code
 from healthcheck.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -126,12 +126,12 @@ def make_app(checker, metrics, prefix="/container-healthcheck", renderer=None, h
                 log.error("internal error on %s: %s", bottle.request.path, error.traceback or error.body)
                 message = "internal error"
             elif status == 400:
-                message = "bad request: %s" % _printable(str(error.body))[:200]
+                message = "bad request: %s" % text.escaped(str(error.body))[:200]
             elif status == 405:
                 message = "method %s not allowed; use %s" % (
-                    _printable(bottle.request.method), bottle.response.get_header("Allow", "GET, HEAD"))
+                    text.escaped(bottle.request.method), bottle.response.get_header("Allow", "GET, HEAD"))
             else:
-                message = "no such route: %s" % _printable(bottle.request.path)[:200]
+                message = "no such route: %s" % text.escaped(bottle.request.path)[:200]
             return render.encode(error_envelope(code, message))
         return handler
 
@@ -160,7 +160,7 @@ def query_flags(allowed):
             flags[name] = False
         else:
             raise errors.InvalidInput("query parameter %s must be true or false, not %s" % (
-                name, _printable(value)[:64]))
+                name, text.escaped(value)[:64]))
     return flags
 
 
@@ -175,21 +175,15 @@ def feed_query():
             raise ValueError
     except ValueError:
         raise errors.InvalidInput("query parameter index must be a whole number >= 0, not %s"
-                                  % _printable(index_text)[:64])
+                                  % text.escaped(index_text)[:64])
     try:
         wait_s = float(wait_text) if wait_text not in (None, "") else feeds.DEFAULT_WAIT_S
         if not 0 <= wait_s <= feeds.MAX_WAIT_S:
             raise ValueError
     except ValueError:
         raise errors.InvalidInput("query parameter wait must be 0..%g seconds, not %s" % (
-            feeds.MAX_WAIT_S, _printable(wait_text)[:64]))
+            feeds.MAX_WAIT_S, text.escaped(wait_text)[:64]))
     return index, wait_s
-
-
-def _printable(text):
-    if text.isprintable():
-        return text
-    return text.encode("unicode_escape").decode("ascii")
 
 
 def _utf8_path(wsgi_path):
@@ -245,7 +239,7 @@ class Instrumented(object):
             query = environ.get("QUERY_STRING")
             if query:
                 path = path + "?" + query
-            self._access_log.add(_printable(environ.get("REQUEST_METHOD", ""))[:16], _printable(path)[:300], status,
+            self._access_log.add(text.escaped(environ.get("REQUEST_METHOD", ""))[:16], text.escaped(path)[:300], status,
                                  (time.monotonic() - started) * 1000, environ.get("REMOTE_ADDR", "-"))
         return result
 

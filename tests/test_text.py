@@ -11,7 +11,8 @@ def test_argv_bytes_are_read_as_utf8():
     assert text.from_argv("plain") == "plain"
     # not UTF-8 at all (a GBK terminal): replaced, never a lone surrogate
     gbk = "内核".encode("gbk").decode("ascii", "surrogateescape")
-    assert "\ufffd" in text.from_argv(gbk) and not text.has_surrogates(text.from_argv(gbk))
+    read = text.from_argv(gbk)
+    assert "\ufffd" in read and not any("\ud800" <= ch <= "\udfff" for ch in read)
 
 
 @pytest.mark.parametrize("raw, shown", [
@@ -22,6 +23,18 @@ def test_argv_bytes_are_read_as_utf8():
 def test_one_line(raw, shown):
     assert text.one_line(raw) == shown
     assert text.one_line(raw * 100, 10) == (shown * 100)[:10]
+
+
+@pytest.mark.parametrize("helper, raw, shown", [
+    (text.printable, "a\udce5\u200bb\tc", "a\ufffd b c"),
+    (lambda s: text.plain_words(s, 12), 'probe "502" {x}\\ \n', "probe  502   x     "[:12]),
+    (text.escaped, "ok", "ok"),
+    (text.escaped, "a\nb\x00", "a\\nb\\x00"),
+    (text.quoted, "x" * 100, repr("x" * 100)[:77] + "..."),
+    (text.loggable, "a\udce5", "a\\udce5"),
+])
+def test_the_other_cleaners(helper, raw, shown):
+    assert helper(raw) == shown
 
 
 def test_utf8_never_raises():

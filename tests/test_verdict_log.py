@@ -49,9 +49,15 @@ def test_verdict_log_says_when_an_app_goes_away_once(caplog):
     assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
-def test_verdict_log_is_bounded():
+def test_verdict_log_is_bounded(caplog):
+    """It remembers at most max_apps verdicts, the oldest forgotten first: a forgotten app's
+    unchanged verdict is logged again, a remembered one's is not."""
     verdicts = VerdictLog(max_apps=3)
-    for number in range(10):
-        report = _report(False)._replace(app="app%d" % number)
+    reports = [_report(False)._replace(app="app%d" % number) for number in range(10)]
+    for report in reports:
         verdicts(report)
-    assert list(verdicts._last) == ["app7", "app8", "app9"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="healthcheck"):
+        verdicts(reports[9])  # remembered: nothing new
+        verdicts(reports[0])  # forgotten: said again
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == ["app app0"]
