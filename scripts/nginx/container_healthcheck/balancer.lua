@@ -13,7 +13,7 @@ local discovery = require "container_healthcheck.discovery"
 local state = require "container_healthcheck.state"
 
 local ngx = ngx
-local now_of = ngx.now
+local now_of, shared = ngx.now, ngx.shared
 local WARN = ngx.WARN
 local set_more_tries, get_last_failure, set_current_peer = ngx_balancer.set_more_tries,
     ngx_balancer.get_last_failure, ngx_balancer.set_current_peer
@@ -87,17 +87,24 @@ local function choose(app, kind, now, dict, ver, quiet)
     local list = {}
     for i = 1, #chosen do list[i] = peer_of(chosen[i]) end
     return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
-             all = #primary > 0 and primary or every, turn = random(#list > 0 and #list or 1) - 1 }
+             all = #primary > 0 and primary or every, turn = random(#list > 0 and #list or 1) - 1,
+             vkey = "v:" .. app, uses = 0 }
 end
 
 -- The choice for app now: the worker's own while the app's version has not moved.
 local function choice_for(app, kind)
-    local dict = state.dict()
-    local ver = dict:get("v:" .. app) or false
-    local now = now_of()
+    local dict = shared[conf.dict]
     local by_kind = choices[kind] or choices.o
     local cached = by_kind[app]
-    if cached and cached.ver == ver and now < cached.expires then return cached end
+    local ver = dict:get(cached and cached.vkey or ("v:" .. app)) or false
+    if cached and cached.ver == ver then
+        -- the clock only now and then: a version moves on every change; expiry is the safety
+        -- net for a channel that stopped (its APPO's answers age without anyone saying so)
+        local uses = cached.uses + 1
+        cached.uses = uses
+        if uses % 16 ~= 0 or now_of() < cached.expires then return cached end
+    end
+    local now = now_of()
     local fresh = choose(app, kind, now, dict, ver)
     if cached then
         fresh.turn = cached.turn
@@ -219,12 +226,12 @@ end
 -- request that failed on every APPO it tried, two or more, ejects nobody (the failure was
 -- the request's: one endpoint broken everywhere), and takes back what it ejected.
 local function log()
+    local eject_set = config.eject_set
+    -- The last attempt did not fail (earlier ones were seen at their retry): most requests.
+    if not eject_set[ngx.status] then return end
     local ctx = ngx.ctx
     local choice = ctx.chc_choice
     if not choice then return end
-    local attempts = ctx.chc_next - ctx.chc_start
-    local eject_set = config.eject_set
-    if attempts == 1 and not eject_set[ngx.status] then return end  -- one attempt, not failed: most requests
     local statuses = ngx.var.upstream_status
     if not statuses then return end
     local codes, failed = {}, 0
