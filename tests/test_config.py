@@ -19,13 +19,21 @@ def test_defaults():
         "127.0.0.1", 4246, "/container-healthcheck", 8010, 5.0, 2.0, 2.0, 10.0, 2.0, "{app}-?[0-9]{10}")
 
 
-@pytest.mark.parametrize("argv", [["-port", "0"], ["--port", "70000"], ["--prefix", "no-slash"],
-                                  ["--docker-timeout", "0"], ["--name-pattern", "nope"],
-                                  ["--probe-bad-status", "abc"], ["--allow", "not-a-net"], ["--bogus"]])
-def test_bad_flags_exit_2(argv, capsys):
+@pytest.mark.parametrize("argv, words", [
+    (["-port", "0"], "argument --port/-port: not a TCP port: '0'"),
+    (["--port", "70000"], "not a TCP port: '70000'"),
+    (["--prefix", "no-slash"], "prefix must look like /container-healthcheck: 'no-slash'"),
+    (["--docker-timeout", "0"], "argument --docker-timeout: must be > 0: '0'"),
+    (["--name-pattern", "nope"], "--name-pattern must contain {app} exactly once: 'nope'"),
+    (["--probe-bad-status", "abc"], "comma-separated HTTP statuses expected: 'abc'"),
+    (["--allow", "not-a-net"], "'not-a-net' does not appear to be an IPv4 or IPv6 network"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_exit_2_and_say_why(argv, words, capsys):
     with pytest.raises(SystemExit) as info:
         parse_args(argv)
     assert info.value.code == 2
+    assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["-version", "--version"])
