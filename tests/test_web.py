@@ -377,6 +377,9 @@ def test_the_csp_allows_exactly_the_style_and_script_each_page_carries(harness):
     script = re.search(r"local PAGE_SCRIPT = \[\[(.*?)\]\]", lua, re.S).group(1)
     csp = re.search(r'local PAGE_CSP = "([^"]*)"', lua).group(1)
     assert all(d in csp for d in digests("<style>%s</style><script>%s</script>" % (style, script)))
+    # and the entry's page looks like the host page: the same style, script and policy
+    from healthcheck import pages
+    assert (style, script, csp) == (pages.STYLE, pages.SCRIPT, pages.CSP)
 
 
 def test_apps_json_says_why_each_other_app_is_not_healthy_up_front(harness):
