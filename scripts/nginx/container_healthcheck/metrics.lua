@@ -12,7 +12,7 @@ local records = require "container_healthcheck.records"
 local state = require "container_healthcheck.state"
 
 local ngx = ngx
-local now_of, print_ = ngx.now, ngx.print
+local now_of, print_, sleep = ngx.now, ngx.print, ngx.sleep
 local format, match, concat, sort = string.format, string.match, table.concat, table.sort
 local pairs, ipairs, tostring = pairs, ipairs, tostring
 
@@ -73,12 +73,16 @@ local function apps_in_play(dict, appos)
     return apps
 end
 
+-- A scrape must not hold its worker for long: the worker's user requests go on every so often.
+local YIELD_EVERY = 50
+
 local function peers_gauges(dict, appos, now, out)
     local apps = {}
     for app in pairs(apps_in_play(dict, appos)) do apps[#apps + 1] = app end
     sort(apps)
     local up, usable_count = {}, {}
-    for _, app in ipairs(apps) do
+    for i, app in ipairs(apps) do
+        if i % YIELD_EVERY == 0 then sleep(0) end
         local peers = discovery.peers_for(app, "o")
         local n = 0
         for _, peer in ipairs(peers) do
@@ -127,7 +131,8 @@ local function appo_gauges(dict, appos, now, out)
     out[#out + 1] = concat(stale)
     family(out, "heartbeat_lateness_seconds", "histogram", "how late each feed heartbeat was, past `wait`")
     local buckets = poller.LATENESS_BUCKETS
-    for _, addr in ipairs(addrs) do
+    for i, addr in ipairs(addrs) do
+        if i % YIELD_EVERY == 0 then sleep(0) end
         local cumulative = 0
         local label = escape(addr)
         for i = 1, #buckets + 1 do

@@ -7,7 +7,7 @@ local records = require "container_healthcheck.records"
 local state = require "container_healthcheck.state"
 
 local ngx = ngx
-local say, unescape_uri, now_of = ngx.say, ngx.unescape_uri, ngx.now
+local say, unescape_uri, now_of, sleep = ngx.say, ngx.unescape_uri, ngx.now, ngx.sleep
 local format, concat, sort = string.format, table.concat, table.sort
 local floor, max = math.floor, math.max
 local ipairs, pairs, tostring = ipairs, pairs, tostring
@@ -45,7 +45,10 @@ end
 local function read_state(dict)
     local states, reasons, polled, ejections = {}, {}, records.decode_set(dict:get("reg:appos")), {}
     for _, addr in ipairs(config.configured_appos()) do polled[addr] = true end
+    local seen = 0
     for addr in pairs(polled) do
+        seen = seen + 1
+        if seen % 5 == 0 then sleep(0) end  -- the worker's user requests go on meanwhile
         local apps = records.decode_set(dict:get("apps:" .. addr))
         for app in pairs(records.decode_set(dict:get("ejected:" .. addr))) do apps[app] = true end
         for app in pairs(apps) do
