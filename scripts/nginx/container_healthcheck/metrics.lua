@@ -131,8 +131,8 @@ local function appo_gauges(dict, appos, now, out)
     out[#out + 1] = concat(stale)
     family(out, "heartbeat_lateness_seconds", "histogram", "how late each feed heartbeat was, past `wait`")
     local buckets = poller.LATENESS_BUCKETS
-    for i, addr in ipairs(addrs) do
-        if i % YIELD_EVERY == 0 then sleep(0) end
+    for n, addr in ipairs(addrs) do
+        if n % YIELD_EVERY == 0 then sleep(0) end
         local cumulative = 0
         local label = escape(addr)
         for i = 1, #buckets + 1 do
