@@ -1382,7 +1382,7 @@ def test_25_one_endpoint_broken_everywhere_takes_no_appo_out_then_a_dead_contain
     labels = ["appo2", "appo3", "appo4"]
     buggy = Caller(entry["port"], "/o/%s/broken" % APP)
     try:
-        start, end = _window(load, 10)
+        start, end = _window(load, 7)
         assert wait_for(lambda: load.settled(end), 30)
         buggy_phase = load.between(start, end)
         shares = _shares(buggy_phase, labels)
@@ -1396,7 +1396,7 @@ def test_25_one_endpoint_broken_everywhere_takes_no_appo_out_then_a_dead_contain
         assert all(share >= 20 for share in shares.values()), shares
         killed = time.monotonic()
         appo2.docker("kill", NAME)
-        _, after_end = _window(load, 5)
+        _, after_end = _window(load, 4)
         assert wait_for(lambda: load.settled(after_end), 30)
         after = load.between(killed, after_end)
         get_failed, post_failed = _failed(after, "GET"), _failed(after, "POST")
@@ -1422,14 +1422,14 @@ def test_26_a_hung_or_restarting_health_service_keeps_its_appo_s_share(healthy, 
     os.kill(appo2.service.proc.pid, signal.SIGSTOP)  # the service hangs; A's Nginx and app serve
     try:
         assert wait_for(lambda: entry_status(entry["port"])["appos"][appo2.addr]["stale_since"] is not None, 10)
-        start, end = _window(load, 8)
+        start, end = _window(load, 6)
         assert entry_status(entry["port"])["appos"][appo2.addr]["fresh"]  # still in, verdicts kept
     finally:
         os.kill(appo2.service.proc.pid, signal.SIGCONT)
     assert wait_for(lambda: load.settled(end), 30)
     hung = load.between(start, end)
     shares, gap = _share_gap(hung, labels, "appo2")
-    print("\nA's health service hung (SIGSTOP) 8 s: GET failed %d, POST failed %d, shares %s" % (
+    print("\nA's health service hung (SIGSTOP) 6 s: GET failed %d, POST failed %d, shares %s" % (
         len(_failed(hung, "GET")), len(_failed(hung, "POST")),
         ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
     assert _failed(hung, "GET") == [] and _failed(hung, "POST") == []
