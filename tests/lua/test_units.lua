@@ -233,10 +233,14 @@ test("versions move for the app that changed, not for the others", function()
     state.observe(dict, "a", A, false, now, dict:get(state.health_key("a", A)), 1)
     eq(dict:get("v:a") ~= va, true, "a moved")
     eq(dict:get("v:b"), vb, "b did not")
-    state.failed(dict, A, "gone", now, { a = true, b = true })  -- not fresh: nothing to change
+    state.failed(dict, A, "gone", { a = true, b = true })  -- not fresh: nothing to change
     eq(dict:get("v:b"), vb)
     state.answered(dict, A, now, 1, { a = true, b = true })
     eq(dict:get("v:b") ~= vb, true, "the APPO came in: every app there moved")
+    vb = dict:get("v:b")
+    dict:set("fresh:" .. A, now - 0.01)  -- its last answer has just lapsed; workers may still use it
+    state.failed(dict, A, "status: timeout", { a = true, b = true })
+    eq(dict:get("v:b") ~= vb, true, "the APPO is out: every app there moved, lapsed or not")
 end)
 
 test("fail-open goes to the APPOs whose health answer says healthy before going to all", function()

@@ -326,7 +326,7 @@ local function feed_round(dict, addr, ch)
         update_time()
         state.kept(dict, addr, err, now_of(), ch.apps)
     else
-        state.failed(dict, addr, err, now, ch.apps)
+        state.failed(dict, addr, err, ch.apps)
     end
     ch.index = nil  -- the next answer is taken whole (a restarted service starts a new index)
     ch.failures = ch.failures + 1

@@ -258,13 +258,14 @@ end
 
 -- The APPO's service did not answer, and its Nginx does not either (refused, hung): out now,
 -- not when its last answer ages.
-function M.failed(dict, addr, err, now, apps)
+function M.failed(dict, addr, err, apps)
     M.set(dict, "err:" .. addr, tostring(err), conf.forget_after)
     dict:delete("stale:" .. addr)
-    local fresh = dict:get("fresh:" .. addr)
-    if fresh then
+    -- Out now: every worker's choice is made again, also when its freshness had just lapsed
+    -- (the workers read the clock only now and then, and would keep using it until then).
+    if dict:get("fresh:" .. addr) then
         dict:delete("fresh:" .. addr)
-        if fresh > now then M.bump_apps(dict, apps) end
+        M.bump_apps(dict, apps)
     end
     M.log_limited("poll:" .. addr, WARN, "APPO ", addr, " is OUT: its health service did not answer (",
                   tostring(err), ")")
@@ -277,7 +278,7 @@ end
 function M.kept(dict, addr, err, now, apps)
     local ok_at = dict:get("ok:" .. addr)
     if conf.keep_stale <= 0 or not ok_at or now - ok_at > conf.keep_stale or not M.is_fresh(dict, addr, now) then
-        M.failed(dict, addr, err, now, apps)
+        M.failed(dict, addr, err, apps)
         return false
     end
     M.set(dict, "err:" .. addr, tostring(err), conf.forget_after)
