@@ -374,6 +374,8 @@ def test_4_a_silent_service_keeps_its_verdicts_for_keep_stale_then_its_appo_is_o
     assert served_by(kept) == {"appo2", "appo3"} and not failures(kept), failures(kept)[:5]
     assert wait_for(lambda: not entry_status(port)["appos"][appo2.addr]["fresh"], KEEP_STALE + 10)
     assert time.monotonic() - stopped > KEEP_STALE - 1.5  # not before its last answer was keep_stale old
+    # out for every worker (each re-reads its choice when the APPO's version moves), and stays out
+    assert wait_for(lambda: served_by(observe(cluster["traffic"], 20)) == {"appo3"}, 10)
     after = observe(cluster["traffic"], 100)
     assert served_by(after) == {"appo3"} and not failures(after)
     appo3.stop_service()

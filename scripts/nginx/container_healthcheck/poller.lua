@@ -330,7 +330,14 @@ local function feed_round(dict, addr, ch)
     end
     ch.index = nil  -- the next answer is taken whole (a restarted service starts a new index)
     ch.failures = ch.failures + 1
-    sleep(min(0.1 * 2 ^ ch.failures, conf.interval))
+    -- back off, but look again when its kept verdicts run out: it is taken out then, not later
+    local back_off = min(0.1 * 2 ^ ch.failures, conf.interval)
+    local fresh = dict:get("fresh:" .. addr)
+    if fresh then
+        update_time()
+        back_off = min(back_off, max(0.001, fresh - now_of() + 0.001))
+    end
+    sleep(back_off)
     return true
 end
 
