@@ -1410,10 +1410,16 @@ def test_25_one_endpoint_broken_everywhere_takes_no_appo_out_then_a_dead_contain
         buggy.stop()
 
 
-def _share_gap(records, labels, mine):
+def _keeps_its_share(name, records, labels, mine):
+    """Print what was lost and each APPO's share; assert nothing lost and `mine` within 10
+    points of the others' mean."""
     shares = _shares(records, labels)
+    print("%s: GET failed %d, POST failed %d, shares %s" % (
+        name, len(_failed(records, "GET")), len(_failed(records, "POST")),
+        ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
+    assert _failed(records, "GET") == [] and _failed(records, "POST") == []
     others = [share for label, share in shares.items() if label != mine]
-    return shares, abs(shares[mine] - sum(others) / len(others))
+    assert abs(shares[mine] - sum(others) / len(others)) <= 10, shares
 
 
 def test_26_a_hung_or_restarting_health_service_keeps_its_appo_s_share(healthy, third_appo, three):
@@ -1429,13 +1435,7 @@ def test_26_a_hung_or_restarting_health_service_keeps_its_appo_s_share(healthy, 
     finally:
         os.kill(appo2.service.proc.pid, signal.SIGCONT)
     assert wait_for(lambda: load.settled(end), 30)
-    hung = load.between(start, end)
-    shares, gap = _share_gap(hung, labels, "appo2")
-    print("\nA's health service hung (SIGSTOP) 6 s: GET failed %d, POST failed %d, shares %s" % (
-        len(_failed(hung, "GET")), len(_failed(hung, "POST")),
-        ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
-    assert _failed(hung, "GET") == [] and _failed(hung, "POST") == []
-    assert gap <= 10, shares
+    _keeps_its_share("\nA's health service hung (SIGSTOP) 6 s", load.between(start, end), labels, "appo2")
     assert wait_for(lambda: entry_status(entry["port"])["appos"][appo2.addr]["stale_since"] is None, 15)
 
     def restart():
@@ -1445,10 +1445,4 @@ def test_26_a_hung_or_restarting_health_service_keeps_its_appo_s_share(healthy, 
     restart()
     _, end = _window(load, 3)
     assert wait_for(lambda: load.settled(end), 30)
-    restarted = load.between(start, end)
-    shares, gap = _share_gap(restarted, labels, "appo2")
-    print("A's health service restarted: GET failed %d, POST failed %d, shares %s" % (
-        len(_failed(restarted, "GET")), len(_failed(restarted, "POST")),
-        ", ".join("%s %.0f%%" % (k, v) for k, v in sorted(shares.items()))))
-    assert _failed(restarted, "GET") == [] and _failed(restarted, "POST") == []
-    assert gap <= 10, shares
+    _keeps_its_share("A's health service restarted", load.between(start, end), labels, "appo2")
