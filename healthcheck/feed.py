@@ -89,6 +89,9 @@ class Feed(object):
         with self._cond:
             first_read = self._read_at is None or now - self._read_at > self._idle_s
             self._read_at = now
+            if first_read and self._verdicts is None and self._settle_until is not None:
+                # apps are probed once asked about: the first read asks, so settling starts now
+                self._settle_until = now + self._settle_s
             if first_read or self._verdicts is None and self._error is None:
                 self._poked = True
                 self._cond.notify_all()
@@ -107,6 +110,8 @@ class Feed(object):
                     self.holding -= 1
             finally:
                 self._slots.release()
+            if self._verdicts is None and self._error is None and not self._stopped:
+                self._wait_first_build(self._clock() + 6.0)  # never an empty list for "nothing yet"
         else:
             self._wait_first_build(self._clock() + 6.0)
         with self._cond:

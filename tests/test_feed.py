@@ -231,13 +231,45 @@ def test_a_starting_service_publishes_no_verdict_that_waits_for_its_first_probe(
         feed.stop()
 
 
-def test_settling_ends_after_settle_s_whatever_the_probes():
+def test_settling_ends_settle_s_after_the_first_read_whatever_the_probes():
+    """Apps are probed once someone asks: settling counts from the first read, not the start."""
     views, clock = Views(), FakeClock()
     views.probes["a"] = ProbeResult.pending("http://127.0.0.1:8010/o/a/")
     views.apps["a"] = (False, "probe pending")
     feed = Feed(views, dict, tick_s=0.01, clock=clock, settle_s=2.5).start()
     try:
+        clock.now += 10  # long after the start: nobody read yet
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(feed.answer(None, 0)))
+        waiter.start()
+        calls = views.calls
+        assert until(lambda: views.calls >= calls + 3)
+        assert not answers  # still settling: 2.5 s from the first read
         clock.now += 3
-        assert feed.answer(None, 0).verdicts == (Verdict("a", False, "probe pending"),)
+        feed.poke()
+        waiter.join(10)
+        assert answers and answers[0].verdicts == (Verdict("a", False, "probe pending"),)
+    finally:
+        feed.stop()
+
+
+def test_a_held_request_never_gets_an_empty_list_for_nothing_yet():
+    """A client holding an index while nothing is published yet waits for the first build,
+    it is not answered `apps 0` (which would mean: no app here)."""
+    views, clock = Views(), FakeClock()
+    views.probes["a"] = ProbeResult.pending("http://127.0.0.1:8010/o/a/")
+    views.apps["a"] = (False, "probe pending")
+    feed = Feed(views, dict, tick_s=0.01, clock=clock, settle_s=2.5).start()
+    try:
+        answers = []
+        waiter = threading.Thread(target=lambda: answers.append(feed.answer(12345, 0.01)))
+        waiter.start()
+        calls = views.calls
+        assert until(lambda: views.calls >= calls + 3)
+        assert not answers
+        views.probes["a"], views.apps["a"] = ProbeResult(True, "http://127.0.0.1:8010/o/a/", 200, None), (True, "")
+        feed.poke()
+        waiter.join(10)
+        assert answers and answers[0].verdicts == (Verdict("a", True, ""),)
     finally:
         feed.stop()
