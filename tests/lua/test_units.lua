@@ -202,13 +202,18 @@ test("passive evidence alone never takes out more than half of an app's APPOs", 
     local B, C = "127.0.0.3:8010", "127.0.0.4:8010"
     local now = ngx.now()
     local peers = { A, B, C }
-    for _, addr in ipairs(peers) do healthy_record("a", addr, now) end
+    for _, addr in ipairs(peers) do
+        healthy_record("a", addr, now)
+        dict:set("fresh:" .. addr, now + 60)
+    end
     eq(state.eject(dict, "a", A, "answered 502", peers), "new")
     eq(state.eject(dict, "a", B, "answered 502", peers), "capped", "1 of 3 is half, rounded down")
     eq(state.ejected(dict, "a", B), false)
     dict:set(state.health_key("a", B), records.encode_health({ healthy = false, streak = 0, since = now }))
     eq(state.eject(dict, "a", B, "answered 502", peers), "new", "its health answer says unhealthy: not capped")
     eq(state.eject(dict, "b", A, "answered 502", { A }), "new", "one APPO: at least one may go out")
+    dict:delete("fresh:" .. A)  -- A's data no longer counts: its ejection does not fill the cap
+    eq(state.eject(dict, "a", C, "answered 502", peers), "new", "a stale APPO's ejection is not counted")
 end)
 
 test("a silent service whose Nginx lives keeps its verdicts for keep_stale, then is out", function()
@@ -258,7 +263,10 @@ test("fail-open goes to the APPOs whose health answer says healthy before going 
     state.bump(dict, "open_app")
     candidates, _, _, tier = chc.choose("open_app", "o")
     eq(tier, "all")
-    eq(#candidates, 2, "none says healthy: all")
+    eq(#candidates == 1 and candidates[1] == B, true, "none says healthy: all but the one failed requests took out")
+    state.eject(dict, "open_app", B, "answered 502")
+    candidates, _, _, tier = chc.choose("open_app", "o")
+    eq(tier == "all" and #candidates == 2, true, "and when every one was taken out: all")
     conf.apps.open_app = nil
 end)
 
@@ -300,7 +308,10 @@ test("init refuses unknown options, wrong types and numbers not above 0, in word
                                  "and wait + grace): what it forgets, the others still need" },
         { { eject_statuses = { 502, 404 } }, "option `eject_statuses`: entry 2 must be a 5xx status (a 4xx is the " ..
                                              "client's, not the APPO's)" },
-        { { appos = { "10.0.0.2" } }, "option `appos`: entry 1 must be \"host:port\", not 10.0.0.2" },
+        { { appos = { "10.0.0.2" } }, "option `appos`: entry 1 must be \"IP:port\" (a name cannot be balanced " ..
+                                      "to), not 10.0.0.2" },
+        { { appos = { "appo1.bk:8010" } }, "option `appos`: entry 1 must be \"IP:port\" (a name cannot be " ..
+                                           "balanced to), not appo1.bk:8010" },
         { { rise = 1.5 }, "option `rise` must be a whole number" },
         { { grace = 0.05 }, "option `grace` must be >= 0.1: half of it waits for a late heartbeat, " ..
                             "half asks the APPO Nginx" },

@@ -71,7 +71,15 @@ local function choose(app, kind, now, dict, ver, quiet)
     if #chosen == 0 then chosen = usable_backup end
     if #chosen == 0 then tier, chosen = "healthy", healthy end
     if #chosen == 0 then chosen = healthy_backup end
-    if #chosen == 0 then tier, chosen = "all", #primary > 0 and primary or every end
+    if #chosen == 0 then
+        -- none says healthy: every primary, but those failed requests took out only if all were
+        tier = "all"
+        local base, live = #primary > 0 and primary or every, {}
+        for i = 1, #base do
+            if not state.ejected(dict, app, base[i]) then live[#live + 1] = base[i] end
+        end
+        chosen = #live > 0 and live or base
+    end
     if #chosen == 0 then tier = "none" end
     if quiet then
         return { tier = tier, n = #chosen }
@@ -176,21 +184,20 @@ local function balance(app, kind)
         -- all, one per APPO (an old snippet without `down` gives one more, back to the first).
         set_more_tries(choice.n)
         if choice.tier ~= "usable" then
-            local dict, labels = state.dict(), 'app="' .. state.label_value(app) .. '"'
+            -- an app name nginx has no upstream for (a client may make one up) is not a label
+            local known = choice.source == "own" or choice.source == "fixed"
+            local dict, labels = state.dict(), 'app="' .. (known and state.label_value(app) or "-") .. '"'
             state.count(dict, "fail_open_total", labels)
             if choice.tier == "all" then state.count(dict, "fail_open_panic_total", labels) end
         end
     else
-        -- A retry: the previous attempt failed the way proxy_next_upstream says.
+        -- A retry: the previous attempt failed the way proxy_next_upstream says. nginx reports a
+        -- refused or reset connection as 502, a timeout as 504, and marks answered 502/504
+        -- "failed" too: the status decides, as eject_statuses says.
         local how, code = get_last_failure()
-        if how == "failed" or (how == "next" and config.eject_set[code]) then
+        if how and code and config.eject_set[code] then
             local last = choice.peers[(ctx.chc_next - 1) % choice.n + 1].addr
-            if how == "failed" then
-                attempt_failed(ctx, last, "connection failed or timed out" .. (code and (", " .. code) or ""),
-                               code == 504 and "timeout" or "error")
-            else
-                attempt_failed(ctx, last, "answered " .. code, FAILURE_LABEL[code] or "http_5xx")
-            end
+            attempt_failed(ctx, last, "failed with " .. code, FAILURE_LABEL[code] or "http_5xx")
         end
     end
     local peer = choice.peers[ctx.chc_next % choice.n + 1]
@@ -243,7 +250,13 @@ local function log()
     local last_code = codes[#codes]
     if not (last_code and eject_set[last_code]) then return end
     local distinct = min(#codes, choice.n)
-    if failed == #codes and distinct >= 2 then
+    -- The request's own failure only when every APPO it tried answered it (an answer's header
+    -- came back): a refused or timed-out connection is evidence against that APPO.
+    local answered = 0
+    for header_time in gmatch(ngx.var.upstream_header_time or "", "[^,:%s]+") do
+        if header_time ~= "-" then answered = answered + 1 end
+    end
+    if failed == #codes and answered == #codes and distinct >= 2 then
         local dict = state.dict()
         local app = ctx.chc_app
         for _, addr in ipairs(ctx.chc_ejected or {}) do
@@ -257,7 +270,7 @@ local function log()
         return
     end
     local addr = choice.peers[(ctx.chc_start + #codes - 1) % choice.n + 1].addr
-    attempt_failed(ctx, addr, "answered " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
+    attempt_failed(ctx, addr, "failed with " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
 end
 
 function M.log()

@@ -64,10 +64,12 @@ local function refuse(message)
     error("container_healthcheck.init: " .. message, 0)
 end
 
+-- An APPO address as the balancer can use it: set_current_peer takes an IP, not a name.
 local function check_addr_list(name, list)
     for i, addr in ipairs(list) do
-        if type(addr) ~= "string" or not addr:match("^%[?[%w%.:%-]+%]?:%d+$") then
-            refuse("option `" .. name .. "`: entry " .. i .. " must be \"host:port\", not " .. tostring(addr))
+        if type(addr) ~= "string" or not (addr:match("^%d+%.%d+%.%d+%.%d+:%d+$") or addr:match("^%[[%x:]+%]:%d+$")) then
+            refuse("option `" .. name .. "`: entry " .. i .. " must be \"IP:port\" (a name cannot be balanced to), not "
+                   .. tostring(addr))
         end
     end
 end

@@ -23,7 +23,7 @@ local M = {}
 -- still described, so that rules and dashboards find it).
 M.COUNTERS = {
     { "ejections_total", "passive ejections: a user request failed on that APPO for that app " ..
-                         "(cause: http_502, http_504, error, timeout)" },
+                         "(cause: http_502: refused, reset or answered 502; http_504: timed out or answered 504)" },
     { "ejections_reverted_total", "ejections taken back: the request that made them failed on every APPO it tried" },
     { "ejections_capped_total", "ejections refused: half of the app's APPOs were out on failed requests alone" },
     { "fail_open_total", "requests sent while no APPO of the app was usable (to the healthy ones, else to all)" },

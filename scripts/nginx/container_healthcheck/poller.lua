@@ -282,13 +282,22 @@ local function flush_lateness(dict, addr, ch, now)
     if now - ch.flushed_at < FLUSH_EVERY then return end
     ch.flushed_at = now
     for key, n in pairs(ch.hist) do
-        dict:incr("h:" .. addr .. "|" .. key, n, 0)
+        local name = "h:" .. addr .. "|" .. key
+        local _, err = dict:incr(name, n, 0)
+        if err then state.log_limited("dict-full", ERR, "lua_shared_dict ", conf.dict, ": ", err) end
+        dict:expire(name, conf.forget_after)  -- gone with its APPO, not while it answers
     end
     ch.hist = {}
 end
 
 ---------------------------------------------------------------------------------------------
 -- The channel loop.
+
+-- Still this channel's APPO? A reload's workers take channels over while a round waits on
+-- its answer; the old owner then applies nothing (and pops no ejection the new one needs).
+local function owns(dict, addr, ch)
+    return dict:get("own:" .. addr) == ch.owner
+end
 
 local function feed_round(dict, addr, ch)
     local asked = ch.mode == "feed" and ch.index or nil
@@ -298,7 +307,8 @@ local function feed_round(dict, addr, ch)
     update_time()
     local now = now_of()
     if answer then
-        if ch.mode ~= "feed" then ch.mode, ch.index = "feed", nil end
+        if not owns(dict, addr, ch) then return true end  -- taken over meanwhile: the new owner applies
+        if ch.mode ~= "feed" then ch.mode, ch.index, ch.lines = "feed", nil, {} end
         ch.failures = 0
         if asked and answer.held and answer.index == asked then
             observe_lateness(ch, max(0, now - started - conf.wait))  -- a heartbeat
@@ -324,7 +334,7 @@ local function feed_round(dict, addr, ch)
     -- No answer from the service. Refused: the APPO is down. Otherwise ask its Nginx.
     if answered or (answered == nil and nginx_alive(addr)) then
         update_time()
-        state.kept(dict, addr, err, now_of(), ch.apps)
+        state.kept(dict, addr, err, now_of(), ch.apps, started)
     else
         state.failed(dict, addr, err, ch.apps)
     end
@@ -346,6 +356,7 @@ local function apps_round(dict, addr, ch)
     local healthy, reasons = poll_apps(addr)
     update_time()
     local now = now_of()
+    if not owns(dict, addr, ch) then return end
     if healthy then
         state.answered(dict, addr, now, conf.stale_after, ch.apps)
     else
@@ -378,6 +389,7 @@ local function channel(premature, addr)
     local _, configured = config.configured_appos()
     -- What a previous owner knew: the apps with a record here, and the ejections to clear.
     local ch = new_channel_state(decode_set(dict:get("apps:" .. addr)), decode_set(dict:get("ejected:" .. addr)))
+    ch.owner = me
     while not worker_exiting() and dict:get("own:" .. addr) == me and wanted(dict, addr, configured) do
         state.set(dict, "own:" .. addr, me, config.own_ttl)
         local ok, err = xpcall(channel_round, traceback, dict, addr, ch)
@@ -386,6 +398,9 @@ local function channel(premature, addr)
             sleep(conf.interval)
         end
     end
+    -- The ejections this channel was watching go back to the queue for the next owner (which
+    -- may have read the registry before this channel's last save).
+    for app in pairs(ch.ejected) do state.push(dict, "ejq:" .. addr, app) end
     if dict:get("own:" .. addr) == me then dict:delete("own:" .. addr) end
 end
 

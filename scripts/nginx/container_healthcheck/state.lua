@@ -19,6 +19,8 @@ local decode_ejection, encode_ejection = records.decode_ejection, records.encode
 local conf = config.conf
 local M = {}
 
+local CLOCK_MARGIN = 0.1  -- seconds: see consider_clear
+
 M.health_key, M.reason_key, M.ejection_key = health_key, reason_key, ejection_key
 
 function M.dict()
@@ -109,9 +111,10 @@ end
 -- whether it is now rising (unhealthy, with answers saying healthy).
 function M.observe(dict, app, addr, passed, now, value, fall)
     local health = decode_health(value)
+    local changed = false
     if health == nil then
         health = { healthy = passed, streak = 0, since = now }  -- first sight: believe it at once
-        M.bump(dict, app)
+        changed = true
     elseif passed == health.healthy then
         if health.streak == 0 then return false end
         health.streak = 0
@@ -119,13 +122,15 @@ function M.observe(dict, app, addr, passed, now, value, fall)
         health.streak = health.streak + 1
         if health.streak >= (health.healthy and fall or conf.rise) then
             health.healthy, health.streak, health.since = passed, 0, now
-            M.bump(dict, app)
+            changed = true
             M.log_limited("change:" .. app .. "|" .. addr, WARN, "app ", app, " on ", addr, " is now ",
                           health.healthy and "healthy" or "UNHEALTHY")
         end
     end
     if health.healthy then dict:delete(reason_key(app, addr)) end
     M.set(dict, health_key(app, addr), encode_health(health), conf.forget_after)
+    -- the version moves after the record is written: a worker that sees it reads the new record
+    if changed then M.bump(dict, app) end
     return not health.healthy and health.streak > 0
 end
 
@@ -144,11 +149,14 @@ end
 
 -- How many of peers other than addr are out for app on passive evidence alone: ejected while
 -- their health answer says healthy.
-local function ejected_while_healthy(dict, app, addr, peers)
+local function ejected_while_healthy(dict, app, addr, peers, now)
     local out = 0
     for i = 1, #peers do
         local peer = peers[i]
-        if peer ~= addr and M.ejected(dict, app, peer) and M.healthy(dict, app, peer) then out = out + 1 end
+        if peer ~= addr and M.is_fresh(dict, peer, now) and M.ejected(dict, app, peer)
+                and M.healthy(dict, app, peer) then
+            out = out + 1
+        end
     end
     return out
 end
@@ -169,7 +177,7 @@ function M.eject(dict, app, addr, cause, peers)
         return "joined"
     end
     if peers and M.healthy(dict, app, addr) and
-            ejected_while_healthy(dict, app, addr, peers) >= max(1, floor(#peers / 2)) then
+            ejected_while_healthy(dict, app, addr, peers, now) >= max(1, floor(#peers / 2)) then
         M.log_limited("capped:" .. app, WARN, "app ", app, ": a request failed on ", addr, " (", cause,
                       ") but half of its APPOs are out already on failed requests alone: ", addr, " stays in")
         return "capped"
@@ -226,7 +234,9 @@ function M.consider_clear(dict, app, addr, healthy, age, now)
     local key = ejection_key(app, addr)
     local e = decode_ejection(dict:get(key))
     if not e or e.cleared then return true end
-    if not healthy or now - age <= e.at or now < e.hold_until then return false end
+    -- now is when the answer arrived: its evidence is taken as CLOCK_MARGIN older than that,
+    -- for the answer's transit and the age's rounding
+    if not healthy or now - age - CLOCK_MARGIN <= e.at or now < e.hold_until then return false end
     e.cleared = true
     M.set(dict, key, encode_ejection(e), conf.eject_memory)
     M.bump(dict, app)
@@ -275,9 +285,11 @@ end
 -- restarting, while the apps behind that Nginx serve users): its last verdicts stand, shown
 -- stale, until keep_stale seconds after its last answer; failed requests still eject. Returns
 -- false (and takes it out) when that time is over or it was out already.
-function M.kept(dict, addr, err, now, apps)
+function M.kept(dict, addr, err, now, apps, started)
     local ok_at = dict:get("ok:" .. addr)
-    if conf.keep_stale <= 0 or not ok_at or now - ok_at > conf.keep_stale or not M.is_fresh(dict, addr, now) then
+    -- fresh when the round that found it silent began (its deadline and the Nginx check ran on)
+    if conf.keep_stale <= 0 or not ok_at or now - ok_at > conf.keep_stale
+            or not M.is_fresh(dict, addr, started or now) then
         M.failed(dict, addr, err, apps)
         return false
     end
