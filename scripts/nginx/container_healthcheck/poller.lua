@@ -71,7 +71,8 @@ end
 -- Does the APPO Nginx itself answer (alive_path, answered by that Nginx alone)? Any status
 -- line counts: an Nginx that answers is serving its apps' users.
 local function nginx_alive(addr)
-    local sock, status = http_get(addr, conf.alive_path, now_of() + config.alive_timeout)
+    -- http_get: the socket when the whole head came; else nil, error, the status if one came
+    local sock, _, status = http_get(addr, conf.alive_path, now_of() + config.alive_timeout)
     if sock then sock:close(); return true end
     return status ~= nil
 end
