@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from support import LuaNginx, StatusServer, wait_for
+from support import LoopbackServer, LuaNginx, StatusServer, free_port, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -139,3 +139,39 @@ def test_with_its_dict_full_the_balancer_balances_and_no_ejection_outlives_its_h
         assert re.search(r"lua_shared_dict container_healthcheck is full", open(nginx.error_log).read())
     finally:
         nginx.stop()
+
+
+class Silent(LoopbackServer):
+    """Accepts, reads, never answers: a hung Nginx whose kernel still takes connections."""
+
+    def handle(self, conn):
+        conn.recv(4096)
+        time.sleep(3)
+        conn.close()
+
+
+def test_the_alive_check_tells_a_live_nginx_from_a_hung_or_absent_one(tmp_path):
+    """What separates "only the health service is hung" (its verdicts stand) from "the host is
+    hung" (out at once): any HTTP answer from the APPO Nginx, within half the grace."""
+    live, broken, silent = StatusServer(status=204, body=b""), StatusServer(status=502), Silent()
+    closed = free_port()
+    nginx = LuaNginx(str(tmp_path), """
+    init_by_lua_block { require("container_healthcheck").init({ interval = 1 }) }
+    server {
+        listen 127.0.0.1:{port};
+        location = /alive { content_by_lua_block {
+            ngx.say(tostring(require("container_healthcheck.poller").nginx_alive(ngx.var.arg_addr)))
+        } }
+    }""")
+    try:
+        def alive(port):
+            return _get(nginx.port, "/alive?addr=127.0.0.1:%d" % port)[1].strip()
+        assert alive(live.port) == "true"
+        assert alive(broken.port) == "true"  # any answer: the Nginx lives
+        assert alive(silent.port) == "false"  # accepted, never answered
+        assert alive(closed) == "false"  # refused
+        assert live.paths == ["/container-healthcheck-alive"]
+    finally:
+        nginx.stop()
+        for server in (live, broken, silent):
+            server.close()
