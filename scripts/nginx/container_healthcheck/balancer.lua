@@ -148,6 +148,11 @@ end
 
 local FAILURE_LABEL = { [502] = "http_502", [504] = "http_504" }
 
+-- The labels of an app x APPO counter.
+local function peer_labels(app, addr)
+    return 'app="' .. state.label_value(app) .. '",appo="' .. state.label_value(addr) .. '"'
+end
+
 -- An attempt at addr failed: eject it for app, if app is one nginx or an APPO told us of (a
 -- name a client made up never becomes a key). Remembers the ejections this request made.
 local function attempt_failed(ctx, addr, cause, label)
@@ -156,7 +161,7 @@ local function attempt_failed(ctx, addr, cause, label)
     local choice = ctx.chc_choice
     if not (choice.source == "own" or choice.source == "fixed" or dict:get(state.health_key(app, addr))) then return end
     local outcome = state.eject(dict, app, addr, cause, choice.all)
-    local labels = 'app="' .. state.label_value(app) .. '",appo="' .. state.label_value(addr) .. '"'
+    local labels = peer_labels(app, addr)
     if outcome == "new" or outcome == "joined" then
         if outcome == "new" then state.count(dict, "ejections_total", labels .. ',cause="' .. label .. '"') end
         local mine = ctx.chc_ejected
@@ -261,8 +266,7 @@ local function log()
         local app = ctx.chc_app
         for _, addr in ipairs(ctx.chc_ejected or {}) do
             if state.unvote(dict, app, addr) then
-                state.count(dict, "ejections_reverted_total", 'app="' .. state.label_value(app) .. '",appo="' ..
-                            state.label_value(addr) .. '"')
+                state.count(dict, "ejections_reverted_total", peer_labels(app, addr))
             end
         end
         state.log_limited("everywhere:" .. app, WARN, "a request for app ", app, " failed on every APPO it tried (",
