@@ -5,10 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# Two workers (CI has two cores), each test file whole on one of them: a file's tests share
-# its set-up (the e2e APPOs' engines and addresses, the RPM build); files handed out in the
-# order tests/conftest.py gives. PYTEST_WORKERS= (empty) runs everything in one process.
-PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# Three workers on CI's two cores: the tests mostly wait (on docker, timers, steady traffic
+# through nginx), a whole run keeps about 40 % of two cores busy. Each test file whole on one
+# worker: a file's tests share its set-up (the e2e APPOs' engines and addresses, the RPM
+# build); files handed out in the order tests/conftest.py gives, the two e2e files first, one
+# to each worker. PYTEST_WORKERS= (empty) runs everything in one process.
+PYTEST_WORKERS ?= -n 3 --dist loadfile --no-loadscope-reorder
 
 .PHONY: run test venv test-venv deps rpm bench bench-scale bench-lua bench-entry bench-failover clean e2e
 
@@ -32,9 +34,9 @@ deps:
 	scripts/install-deps
 
 # Every daemon the tests started is stopped afterwards, whether they passed, failed or were
-# interrupted: the private engine here, the e2e APPOs' engines (appo2, appo3) by their fixture.
+# interrupted: the private engine here, the e2e APPOs' engines (appo2-appo7) by their fixtures.
 test: deps test-venv
-	host=$$(scripts/dockerd-up default) && trap 'for engine in default appo2 appo3 appo4 fault; do scripts/dockerd-down $$engine & done; wait' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
+	host=$$(scripts/dockerd-up default) && trap 'for engine in default appo2 appo3 appo4 appo5 appo6 appo7 fault; do scripts/dockerd-down $$engine & done; wait' EXIT && DOCKER_HOST=$$host $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) tests
 
 rpm: venv
 	PYTHON=$(CURDIR)/$(PY) scripts/build-rpm

@@ -13,17 +13,18 @@ import signal
 import statistics
 import time
 
-import test_e2e_balancer
-from test_e2e_balancer import (NAME, _both_serving, cluster, healthy, loss_entry,  # noqa: F401 (fixtures)
-                               child_pids)
-from support import wait_for
+from e2e import EJECT_MEMORY, NAME, cluster, healthy  # noqa: F401 (fixtures)
+from support import child_pids, wait_for
+from test_e2e_loss import _both_serving, loss_entry  # noqa: F401 (fixtures)
+
+APPO_INDICES = (2, 3)  # the cluster's APPOs: 127.0.0.2, 127.0.0.3 (engines appo2, appo3)
 
 EVENTS = int(os.environ.get("BENCH_EVENTS", "20"))
 # Events here are 10 to 20 s apart: with the default 60 s memory each would count as the same
 # peer failing again and be held longer each time (1, 2, 4 ... 30 s), which is right for a
 # flapping peer but is not what one incident costs. The tests' entries forget an ejection
 # after EJECT_MEMORY seconds, which makes every event a first one.
-assert test_e2e_balancer.EJECT_MEMORY < 5
+assert EJECT_MEMORY < 5
 
 
 def _requests_to(access_log, addr, since_wall):

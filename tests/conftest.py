@@ -14,11 +14,12 @@ def _docker_answers():
         return False
 
 
-# The order of the files, for `make test`'s two workers (each file whole on one worker, handed
-# out in this order, two to each worker at the start): the e2e file (the longest by far) and a
-# quick one start on one worker; the other worker takes the other slow files meanwhile.
-_ORDER = ("test_e2e_balancer.py", "test_bounded.py", "test_config.py", "test_reliability.py", "test_openapi.py",
-          "test_cli.py", "test_prober.py", "test_locale.py", "test_rpm.py")
+# The order of the files, for `make test`'s workers (each file whole on one worker, handed out
+# in this order, one to each worker at the start, more as a worker runs low): the two e2e
+# files (the longest by far, each on APPO addresses of its own) start on workers of their own;
+# the third worker takes the other slow files meanwhile.
+_ORDER = ("test_e2e_balancer.py", "test_e2e_loss.py", "test_reliability.py", "test_cli.py", "test_openapi.py",
+          "test_prober.py", "test_rpm.py", "test_locale.py")
 
 
 def pytest_collection_modifyitems(items):
