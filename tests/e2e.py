@@ -226,7 +226,7 @@ http {
             proxy_connect_timeout 1s;
             proxy_read_timeout 1s;
             proxy_next_upstream error timeout http_502 http_503 http_504;
-            log_by_lua_block { require("container_healthcheck").log() }
+            log_by_lua_block { require("container_healthcheck").log(ngx.var.app_code) }
         }
         location = /container-healthcheck-status {
             content_by_lua_block { require("container_healthcheck").status() }

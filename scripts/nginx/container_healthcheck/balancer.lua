@@ -44,14 +44,15 @@ local function peer_of(addr)
 end
 
 -- A choice: { ver, expires, peers (the candidates: {addr, host, port}), n, tier, source,
--- all (every primary address, for the ejection cap), turn }. tier: "usable"; "healthy"
+-- all (every primary address, for the ejection cap), known (set of all the app's addresses),
+-- turn }. tier: "usable"; "healthy"
 -- (failing open to the APPOs whose health answer says healthy); "all" (failing open to
 -- every APPO); "none" (no APPO at all).
 local function choose(app, kind, now, dict, ver, quiet)
     local peers, source = discovery.peers_for(app, kind)
     if not quiet then discovery.learn(app, peers, source) end
     local usable, usable_backup, healthy, healthy_backup, primary, every = {}, {}, {}, {}, {}, {}
-    local expires = now + 1
+    local expires, watch = now + 1, {}
     for i = 1, #peers do
         local p = peers[i]
         local addr = p.addr
@@ -59,6 +60,7 @@ local function choose(app, kind, now, dict, ver, quiet)
         if not p.backup then primary[#primary + 1] = addr end
         local yes, fresh, says_healthy = state.usable(dict, app, addr, now)
         if fresh then expires = min(expires, fresh) end
+        watch[i] = { key = state.fresh_key(addr), fresh = fresh ~= nil }
         if yes then
             local list = p.backup and usable_backup or usable
             list[#list + 1] = addr
@@ -92,11 +94,42 @@ local function choose(app, kind, now, dict, ver, quiet)
                           tier == "healthy" and " whose health answer says healthy (out on failed requests alone): "
                               or " (none says healthy): ", concat(chosen, ", "))
     end
-    local list = {}
+    local list, known = {}, {}
     for i = 1, #chosen do list[i] = peer_of(chosen[i]) end
+    for i = 1, #every do known[every[i]] = true end
     return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
-             all = #primary > 0 and primary or every, turn = random(#list > 0 and #list or 1) - 1,
-             vkey = "v:" .. app, uses = 0 }
+             all = #primary > 0 and primary or every, known = known, turn = random(#list > 0 and #list or 1) - 1,
+             vkey = "v:" .. app, uses = 0, from = peers, watch = watch }
+end
+
+-- Same peers as the choice was made from (peers_for makes a new list every interval)?
+local function same_peers(a, b)
+    if a == b then return true end
+    if #a ~= #b then return false end
+    for i = 1, #a do
+        if a[i].addr ~= b[i].addr or a[i].backup ~= b[i].backup then return false end
+    end
+    return true
+end
+
+-- A cached choice whose time is up still stands when nothing it rests on changed by time
+-- alone: the same peers, and each APPO still fresh (or still not) as it was judged. Every
+-- other change (health, ejections, an APPO out or back) moves the app's version. Cheaper
+-- than choosing again: one dict read per APPO, once a second per app per worker.
+local function still_stands(choice, app, kind, dict, now)
+    local peers, source = discovery.peers_for(app, kind)
+    if not same_peers(peers, choice.from) then return false end
+    discovery.learn(app, peers, source)
+    choice.from = peers
+    local expires, watch = now + 1, choice.watch
+    for i = 1, #watch do
+        local fresh = dict:get(watch[i].key)
+        local is_fresh = fresh ~= nil and now <= fresh
+        if is_fresh ~= watch[i].fresh then return false end
+        if is_fresh then expires = min(expires, fresh) end
+    end
+    choice.expires = expires
+    return true
 end
 
 -- The choice for app now: the worker's own while the app's version has not moved.
@@ -110,7 +143,9 @@ local function choice_for(app, kind)
         -- net for a channel that stopped (its APPO's answers age without anyone saying so)
         local uses = cached.uses + 1
         cached.uses = uses
-        if uses % 16 ~= 0 or now_of() < cached.expires then return cached end
+        if uses % 16 ~= 0 then return cached end
+        local now = now_of()
+        if now < cached.expires or still_stands(cached, app, kind, dict, now) then return cached end
     end
     local now = now_of()
     local fresh = choose(app, kind, now, dict, ver)
@@ -153,17 +188,29 @@ local function peer_labels(app, addr)
     return 'app="' .. state.label_value(app) .. '",appo="' .. state.label_value(addr) .. '"'
 end
 
--- An attempt at addr failed: eject it for app, if app is one nginx or an APPO told us of (a
--- name a client made up never becomes a key). Remembers the ejections this request made.
-local function attempt_failed(ctx, addr, cause, label)
+-- The APPOs a request tried so far, in order, from $upstream_addr ("a, b" once it ended;
+-- "a : " in the balancer of a retry, where the attempt being set up has no address yet).
+local function tried_addrs()
+    local tried = {}
+    for token in gmatch(ngx.var.upstream_addr or "", "[^%s,]+") do
+        if token ~= ":" then tried[#tried + 1] = token end
+    end
+    return tried
+end
+
+-- An attempt at addr failed: eject it for app, if it is one of the app's APPOs and the app is
+-- one nginx or an APPO told us of (a name a client made up never becomes a key). The request
+-- remembers the ejections it made (ngx.ctx, on this rare path only), to take them back if
+-- the failure turns out to be its own.
+local function attempt_failed(app, choice, addr, cause, label)
+    if not choice.known[addr] then return end
     local dict = state.dict()
-    local app = ctx.chc_app
-    local choice = ctx.chc_choice
     if not (choice.source == "own" or choice.source == "fixed" or dict:get(state.health_key(app, addr))) then return end
     local outcome = state.eject(dict, app, addr, cause, choice.all)
     local labels = peer_labels(app, addr)
     if outcome == "new" or outcome == "joined" then
         if outcome == "new" then state.count(dict, "ejections_total", labels .. ',cause="' .. label .. '"') end
+        local ctx = ngx.ctx
         local mine = ctx.chc_ejected
         if not mine then mine = {}; ctx.chc_ejected = mine end
         mine[#mine + 1] = addr
@@ -172,41 +219,63 @@ local function attempt_failed(ctx, addr, cause, label)
     end
 end
 
-local function balance(app, kind)
-    local ctx = ngx.ctx
-    local choice = ctx.chc_choice
-    if not choice then
-        app = app or ""
-        choice = choice_for(app, kind or "o")
-        if choice.n == 0 then
-            state.count(state.dict(), "no_peer_total", "")
-            return  -- no peer set: the upstream's only server is `down`, nginx answers 502
-        end
-        local start = choice.turn % choice.n
-        choice.turn = start + 1
-        ctx.chc_choice, ctx.chc_app, ctx.chc_start, ctx.chc_next = choice, app, start, start
-        -- The upstream's only server is `down`, so nginx counts no try of its own: n tries in
-        -- all, one per APPO (an old snippet without `down` gives one more, back to the first).
-        set_more_tries(choice.n)
-        if choice.tier ~= "usable" then
-            -- an app name nginx has no upstream for (a client may make one up) is not a label
-            local known = choice.source == "own" or choice.source == "fixed"
-            local dict, labels = state.dict(), 'app="' .. (known and state.label_value(app) or "-") .. '"'
-            state.count(dict, "fail_open_total", labels)
-            if choice.tier == "all" then state.count(dict, "fail_open_panic_total", labels) end
-        end
-    else
-        -- A retry: the previous attempt failed the way proxy_next_upstream says. nginx reports a
-        -- refused or reset connection as 502, a timeout as 504, and marks answered 502/504
-        -- "failed" too: the status decides, as eject_statuses says.
-        local how, code = get_last_failure()
-        if how and code and config.eject_set[code] then
-            local last = choice.peers[(ctx.chc_next - 1) % choice.n + 1].addr
-            attempt_failed(ctx, last, "failed with " .. code, FAILURE_LABEL[code] or "http_5xx")
-        end
+-- The first attempt: the next peer in turn. No per-request state is kept (no ngx.ctx): a
+-- retry learns what was tried from nginx itself.
+local function first_attempt(app, choice)
+    local n = choice.n
+    local start = choice.turn % n
+    choice.turn = start + 1
+    -- The upstream's only server is `down`, so nginx counts no try of its own: n tries in
+    -- all, one per APPO (an old snippet without `down` gives one more).
+    set_more_tries(n)
+    if choice.tier ~= "usable" then
+        -- an app name nginx has no upstream for (a client may make one up) is not a label
+        local known = choice.source == "own" or choice.source == "fixed"
+        local dict, labels = state.dict(), 'app="' .. (known and state.label_value(app) or "-") .. '"'
+        state.count(dict, "fail_open_total", labels)
+        if choice.tier == "all" then state.count(dict, "fail_open_panic_total", labels) end
     end
-    local peer = choice.peers[ctx.chc_next % choice.n + 1]
-    ctx.chc_next = ctx.chc_next + 1
+    return choice.peers[start + 1]
+end
+
+-- A retry: the previous attempt failed the way proxy_next_upstream says. nginx reports a
+-- refused or reset connection as 502, a timeout as 504, and marks answered 502/504 "failed"
+-- too: the status decides, as eject_statuses says. Then the first peer of the app's choice
+-- now (an ejection moves it) that this request has not tried, in turn; if it tried them all,
+-- the next in turn.
+local function retry(app, kind, choice, code)
+    local tried = tried_addrs()
+    local last = tried[#tried]
+    if last and code and config.eject_set[code] then
+        attempt_failed(app, choice, last, "failed with " .. code, FAILURE_LABEL[code] or "http_5xx")
+        choice = choice_for(app, kind)
+        if choice.n == 0 then return nil end
+    end
+    local n = choice.n
+    local start = choice.turn % n
+    choice.turn = start + 1
+    for i = 0, n - 1 do
+        local peer = choice.peers[(start + i) % n + 1]
+        local seen = false
+        for j = 1, #tried do
+            if tried[j] == peer.addr then seen = true; break end
+        end
+        if not seen then return peer end
+    end
+    return choice.peers[start + 1]
+end
+
+local function balance(app, kind)
+    app, kind = app or "", kind or "o"
+    local choice = choice_for(app, kind)
+    if choice.n == 0 then
+        state.count(state.dict(), "no_peer_total", "")
+        return  -- no peer set: the upstream's only server is `down`, nginx answers 502
+    end
+    local how, code = get_last_failure()
+    local peer
+    if how then peer = retry(app, kind, choice, code) else peer = first_attempt(app, choice) end
+    if not peer then return end
     local ok, err = set_current_peer(peer.host, peer.port)
     if not ok then error("set_current_peer " .. peer.addr .. ": " .. tostring(err)) end
 end
@@ -237,13 +306,13 @@ end
 -- log_by_lua: the last attempt failed too (a POST that got a 502 is not retried): eject. A
 -- request that failed on every APPO it tried, two or more, ejects nobody (the failure was
 -- the request's: one endpoint broken everywhere), and takes back what it ejected.
-local function log()
+local function log(app, kind)
     local eject_set = config.eject_set
     -- The last attempt did not fail (earlier ones were seen at their retry): most requests.
     if not eject_set[ngx.status] then return end
-    local ctx = ngx.ctx
-    local choice = ctx.chc_choice
-    if not choice then return end
+    -- a snippet from 2.4.0 or before calls log() without the app: its location's name for it
+    app = app or ngx.var.chc_app
+    if not app then return end
     local statuses = ngx.var.upstream_status
     if not statuses then return end
     local codes, failed = {}, 0
@@ -254,7 +323,14 @@ local function log()
     end
     local last_code = codes[#codes]
     if not (last_code and eject_set[last_code]) then return end
-    local distinct = min(#codes, choice.n)
+    local tried = tried_addrs()
+    local addr = tried[#tried]
+    if not addr then return end
+    local choice = choice_for(app, kind or "o")
+    local distinct, seen = 0, {}
+    for i = 1, #tried do
+        if not seen[tried[i]] then seen[tried[i]] = true; distinct = distinct + 1 end
+    end
     -- The request's own failure only when every APPO it tried answered it (an answer's header
     -- came back): a refused or timed-out connection is evidence against that APPO.
     local answered = 0
@@ -263,22 +339,21 @@ local function log()
     end
     if failed == #codes and answered == #codes and distinct >= 2 then
         local dict = state.dict()
-        local app = ctx.chc_app
-        for _, addr in ipairs(ctx.chc_ejected or {}) do
-            if state.unvote(dict, app, addr) then
-                state.count(dict, "ejections_reverted_total", peer_labels(app, addr))
+        for _, mine in ipairs(ngx.ctx.chc_ejected or {}) do
+            if state.unvote(dict, app, mine) then
+                state.count(dict, "ejections_reverted_total", peer_labels(app, mine))
             end
         end
         state.log_limited("everywhere:" .. app, WARN, "a request for app ", app, " failed on every APPO it tried (",
                           statuses, "): the request's failure, not theirs; none is taken out")
         return
     end
-    local addr = choice.peers[(ctx.chc_start + #codes - 1) % choice.n + 1].addr
-    attempt_failed(ctx, addr, "failed with " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
+    attempt_failed(app, choice, addr, "failed with " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
 end
 
-function M.log()
-    local ok, err = pcall(log)
+-- log(app, kind): the same arguments as balance().
+function M.log(app, kind)
+    local ok, err = pcall(log, app, kind)
     if not ok then state.lua_error("log", err) end
 end
 

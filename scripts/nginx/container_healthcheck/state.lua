@@ -246,18 +246,23 @@ function M.consider_clear(dict, app, addr, healthy, age, now)
 end
 
 ---------------------------------------------------------------------------------------------
+-- The key of an APPO's freshness: until when its verdicts count.
+function M.fresh_key(addr)
+    return "fresh:" .. addr
+end
+
 -- An APPO's freshness. apps: the apps with a record there (their versions move with it).
 
 function M.is_fresh(dict, addr, now)
-    local fresh = dict:get("fresh:" .. addr)
+    local fresh = dict:get(M.fresh_key(addr))
     return fresh ~= nil and now <= fresh
 end
 
 -- The APPO's service answered: its data counts for fresh_for seconds.
 function M.answered(dict, addr, now, fresh_for, apps)
-    local before = dict:get("fresh:" .. addr)
+    local before = dict:get(M.fresh_key(addr))
     M.set(dict, "ok:" .. addr, now, conf.forget_after)
-    M.set(dict, "fresh:" .. addr, now + fresh_for, conf.forget_after)
+    M.set(dict, M.fresh_key(addr), now + fresh_for, conf.forget_after)
     dict:delete("err:" .. addr)
     if dict:get("stale:" .. addr) then
         dict:delete("stale:" .. addr)
@@ -273,8 +278,8 @@ function M.failed(dict, addr, err, apps)
     dict:delete("stale:" .. addr)
     -- Out now: every worker's choice is made again, also when its freshness had just lapsed
     -- (the workers read the clock only now and then, and would keep using it until then).
-    if dict:get("fresh:" .. addr) then
-        dict:delete("fresh:" .. addr)
+    if dict:get(M.fresh_key(addr)) then
+        dict:delete(M.fresh_key(addr))
         M.bump_apps(dict, apps)
     end
     M.log_limited("poll:" .. addr, WARN, "APPO ", addr, " is OUT: its health service did not answer (",
@@ -295,7 +300,7 @@ function M.kept(dict, addr, err, now, apps, started)
     end
     M.set(dict, "err:" .. addr, tostring(err), conf.forget_after)
     -- until the next round has looked again (a round, its back-off), never past keep_stale
-    M.set(dict, "fresh:" .. addr, min(ok_at + conf.keep_stale, now + conf.wait + conf.grace + conf.interval),
+    M.set(dict, M.fresh_key(addr), min(ok_at + conf.keep_stale, now + conf.wait + conf.grace + conf.interval),
           conf.forget_after)
     if not dict:get("stale:" .. addr) then
         M.set(dict, "stale:" .. addr, now, conf.forget_after)
@@ -309,7 +314,7 @@ end
 -- app on addr: (usable now, until when its data counts or nil, its health answer says
 -- healthy and counts). Usable: fresh (or kept) data, healthy, not ejected.
 function M.usable(dict, app, addr, now)
-    local fresh = dict:get("fresh:" .. addr)
+    local fresh = dict:get(M.fresh_key(addr))
     if not fresh or now > fresh then return false, nil, false end
     local health = decode_health(dict:get(health_key(app, addr)))
     if not (health and health.healthy) then return false, fresh, false end
