@@ -11,6 +11,7 @@ local ngx_balancer = require "ngx.balancer"
 local config = require "container_healthcheck.config"
 local discovery = require "container_healthcheck.discovery"
 local state = require "container_healthcheck.state"
+local records = require "container_healthcheck.records"
 
 local ngx = ngx
 local now_of, shared = ngx.now, ngx.shared
@@ -21,6 +22,7 @@ local gmatch, random, min, tonumber, pcall, concat = string.gmatch, math.random,
     table.concat
 
 local conf = config.conf
+local CHANGES_KEY = records.CHANGES_KEY
 local M = {}
 
 local MAX_ENTRIES = 10000  -- per-worker choices start over past this many apps (names clients invent)
@@ -99,7 +101,7 @@ local function choose(app, kind, now, dict, ver, quiet)
     for i = 1, #every do known[every[i]] = true end
     return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
              all = #primary > 0 and primary or every, known = known, turn = random(#list > 0 and #list or 1) - 1,
-             vkey = "v:" .. app, uses = 0, from = peers, watch = watch }
+             vkey = "v:" .. app, from = peers, watch = watch }
 end
 
 -- Same peers as the choice was made from (peers_for makes a new list every interval)?
@@ -132,23 +134,41 @@ local function still_stands(choice, app, kind, dict, now)
     return true
 end
 
--- The choice for app now: the worker's own while the app's version has not moved.
+-- Per worker: the entry's change count as last read, when (ngx.now(), ms) and after how many
+-- of this worker's own version moves, and an epoch that moves with it. A choice checked
+-- against its app's version in the current epoch stands without reading the version again.
+local seen_changes, seen_at, seen_bumps, epoch = false, false, -1, 0
+
+-- The choice for app now: the worker's own while the app's version has not moved. The
+-- version is read only when the entry's change count moved (read at most once per ms and
+-- after each change this worker made: another worker's change counts from this worker's
+-- next ms) or the choice is due.
 local function choice_for(app, kind)
     local dict = shared[conf.dict]
     local by_kind = choices[kind] or choices.o
     local cached = by_kind[app]
-    local ver = dict:get(cached and cached.vkey or ("v:" .. app)) or false
-    if cached and cached.ver == ver then
-        -- the clock only now and then: a version moves on every change; expiry is the safety
-        -- net for a channel that stopped (its APPO's answers age without anyone saying so)
-        local uses = cached.uses + 1
-        cached.uses = uses
-        if uses % 16 ~= 0 then return cached end
-        local now = now_of()
-        if now < cached.expires or still_stands(cached, app, kind, dict, now) then return cached end
-    end
     local now = now_of()
+    local bumps = state.bumps
+    if now ~= seen_at or bumps ~= seen_bumps then
+        seen_at, seen_bumps = now, bumps
+        local changes = dict:get(CHANGES_KEY) or false
+        if changes ~= seen_changes then seen_changes, epoch = changes, epoch + 1 end
+    end
+    local ver
+    if cached then
+        if cached.epoch == epoch and now < cached.expires then return cached end
+        ver = dict:get(cached.vkey) or false
+        if cached.ver == ver then
+            cached.epoch = epoch
+            -- expiry is the safety net for a channel that stopped (its APPO's answers age
+            -- without anyone saying so)
+            if now < cached.expires or still_stands(cached, app, kind, dict, now) then return cached end
+        end
+    else
+        ver = dict:get("v:" .. app) or false
+    end
     local fresh = choose(app, kind, now, dict, ver)
+    fresh.epoch = epoch
     if cached then
         fresh.turn = cached.turn
     else

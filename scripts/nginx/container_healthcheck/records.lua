@@ -17,6 +17,7 @@
 -- Per app:
 --   r:<app>         a request asked for it lately;  v:<app> its version (choices read again)
 -- The whole entry:
+--   changes                             moves with every version (workers read it once a ms)
 --   reg:appos, reg:apps, reg:counters   registries kept by the supervisor (one writer)
 --   new:appos, new:apps, new:counters   lists: what the request path added since
 --   c:<family>|<labels>                 counters (metrics.lua); h:... heartbeat histogram
@@ -29,6 +30,7 @@ function M.health_key(app, addr) return "s:" .. app .. "|" .. addr end
 function M.reason_key(app, addr) return "w:" .. app .. "|" .. addr end
 function M.ejection_key(app, addr) return "e:" .. app .. "|" .. addr end
 function M.version_key(app) return "v:" .. app end
+M.CHANGES_KEY = "changes"
 
 -- A health record: { healthy = bool, streak = answers against it so far, since = when it
 -- last changed }, or nil.

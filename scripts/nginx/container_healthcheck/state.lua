@@ -65,9 +65,16 @@ end
 
 -- Something app's choice depends on changed there: every worker reads it again. A new
 -- version key starts from the clock (ms), so a key that expired and came back never repeats
--- a version a worker still holds.
+-- a version a worker still holds. The entry's change count moves too: a worker reads it
+-- once a ms, and an app's version only after it moved (or when the app's choice is due).
+M.bumps = 0  -- versions this worker moved: its own changes count at once
+
 function M.bump(dict, app)
-    local _, err = dict:incr(version_key(app), 1, floor(now_of() * 1000), conf.forget_after)
+    M.bumps = M.bumps + 1
+    local seed = floor(now_of() * 1000)
+    local _, err = dict:incr(version_key(app), 1, seed, conf.forget_after)
+    if err then say_full(err) end
+    _, err = dict:incr(records.CHANGES_KEY, 1, seed)
     if err then say_full(err) end
 end
 
