@@ -248,6 +248,32 @@ test("versions move for the app that changed, not for the others", function()
     eq(dict:get("v:b") ~= vb, true, "the APPO is out: every app there moved, lapsed or not")
 end)
 
+test("a worker reads an app's version again once the entry's change count moved: another worker's change from its next ms, its own at once", function()
+    local B = "127.0.0.3:8010"
+    conf.apps.ver_app = { A, B }
+    local now = ngx.now()
+    for _, addr in ipairs({ A, B }) do
+        dict:set("fresh:" .. addr, now + 60)
+        healthy_record("ver_app", addr, now)
+    end
+    eq(#chc.choose("ver_app", "o"), 2, "both usable")
+    -- another worker finds B unhealthy: the dict changes, this worker's own count does not
+    dict:set(state.health_key("ver_app", B), records.encode_health({ healthy = false, streak = 0, since = now }))
+    dict:incr(records.version_key("ver_app"), 1, 0)
+    dict:incr(records.CHANGES_KEY, 1, 0)
+    eq(#chc.choose("ver_app", "o"), 2, "within the same ms (ngx.now() has not moved), the choice stands")
+    ngx.sleep(0.002)
+    local candidates = chc.choose("ver_app", "o")
+    eq(#candidates == 1 and candidates[1] == A, true, "from the next ms: B is out")
+    -- this worker's own change counts at once, whatever the clock
+    dict:set(state.health_key("ver_app", A), records.encode_health({ healthy = false, streak = 0, since = now }))
+    healthy_record("ver_app", B, now)
+    state.bump(dict, "ver_app")
+    candidates = chc.choose("ver_app", "o")
+    eq(#candidates == 1 and candidates[1] == B, true, "its own change: at once")
+    conf.apps.ver_app = nil
+end)
+
 test("fail-open goes to the APPOs whose health answer says healthy before going to all", function()
     local B = "127.0.0.3:8010"
     conf.apps.open_app = { A, B }
