@@ -248,7 +248,8 @@ test("versions move for the app that changed, not for the others", function()
     eq(dict:get("v:b") ~= vb, true, "the APPO is out: every app there moved, lapsed or not")
 end)
 
-test("a worker reads an app's version again once the entry's change count moved: another worker's change from its next ms, its own at once", function()
+test("a worker reads an app's version again once the entry's change count moved: another worker's " ..
+     "change from its next ms, its own at once", function()
     local B = "127.0.0.3:8010"
     conf.apps.ver_app = { A, B }
     local now = ngx.now()
@@ -354,6 +355,31 @@ test("init refuses unknown options, wrong types and numbers not above 0, in word
     end
     eq(conf.dict, "container_healthcheck", "a refused call changes nothing")
     eq(conf.interval, 1, "a refused call changes nothing")
+end)
+
+test("APPO addresses are kept as nginx spells them in $upstream_addr", function()
+    local canonical = u.config.canonical_addr
+    eq(canonical("10.0.0.02:08010"), "10.0.0.2:8010")
+    eq(canonical("127.0.0.1:80"), "127.0.0.1:80")
+    eq(canonical("[::FFFF:A00:2]:8010"), "[::ffff:a00:2]:8010")
+    eq(canonical("appo1.bk:8010"), nil)
+    eq(canonical("10.0.0.2"), nil)
+    -- and as set_current_peer takes the host: an IPv6 address in brackets
+    local host, port = u.discovery.split_addr("[::1]:8010")
+    eq(u.discovery.peer_host(host) .. " " .. port, "[::1] 8010")
+    eq(u.discovery.peer_host("10.0.0.2"), "10.0.0.2")
+end)
+
+test("the attempts of a request's last pass through an upstream, from nginx's $upstream_* text", function()
+    local last_pass = u.balancer.last_pass
+    local function joined(text) return table.concat(last_pass(text), " ") end
+    eq(joined("127.0.0.2:80, 127.0.0.3:80"), "127.0.0.2:80 127.0.0.3:80", "two attempts")
+    eq(joined("127.0.0.2:80 : "), "127.0.0.2:80", "in the balancer of a retry: the attempt being set up is empty")
+    eq(joined("127.0.0.2:80, 127.0.0.3:80 : "), "127.0.0.2:80 127.0.0.3:80")
+    eq(joined("127.0.0.9:80 : 127.0.0.2:80, [::1]:80"), "127.0.0.2:80 [::1]:80", "after an internal redirect")
+    eq(joined("502, 502 : 200"), "200")
+    eq(joined("- , 0.001"), "- 0.001")
+    eq(joined(nil), "", "no upstream at all")
 end)
 
 test("health and ejection records: plain fields in, the same fields out", function()

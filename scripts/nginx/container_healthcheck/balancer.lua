@@ -26,6 +26,10 @@ local CHANGES_KEY = records.CHANGES_KEY
 local M = {}
 
 local MAX_ENTRIES = 10000  -- per-worker choices start over past this many apps (names clients invent)
+-- A choice is made again from scratch at least this often: what changes by time alone and moves
+-- no version only when the zone misbehaves (full: an ejection then ends with its hold; keys
+-- evicted) is seen within it.
+local REMAKE_S = 5
 
 -- Per worker: kind ("o", "t") -> app -> choice (see choose).
 local choices = { o = {}, t = {} }
@@ -37,7 +41,7 @@ local function peer_of(addr)
     local peer = split_cache[addr]
     if not peer then
         local host, port = discovery.split_addr(addr)
-        peer = { addr = addr, host = host, port = port }
+        peer = { addr = addr, host = discovery.peer_host(host), port = port }
         if split_size > MAX_ENTRIES then split_cache, split_size = {}, 0 end
         split_size = split_size + 1
         split_cache[addr] = peer
@@ -101,7 +105,7 @@ local function choose(app, kind, now, dict, ver, quiet)
     for i = 1, #every do known[every[i]] = true end
     return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
              all = #primary > 0 and primary or every, known = known, turn = random(#list > 0 and #list or 1) - 1,
-             vkey = "v:" .. app, from = peers, watch = watch }
+             vkey = "v:" .. app, from = peers, watch = watch, made = now }
 end
 
 -- Same peers as the choice was made from (peers_for makes a new list every interval)?
@@ -119,6 +123,7 @@ end
 -- other change (health, ejections, an APPO out or back) moves the app's version. Cheaper
 -- than choosing again: one dict read per APPO, once a second per app per worker.
 local function still_stands(choice, app, kind, dict, now)
+    if now - choice.made >= REMAKE_S then return false end
     local peers, source = discovery.peers_for(app, kind)
     if not same_peers(peers, choice.from) then return false end
     discovery.learn(app, peers, source)
@@ -208,14 +213,26 @@ local function peer_labels(app, addr)
     return 'app="' .. state.label_value(app) .. '",appo="' .. state.label_value(addr) .. '"'
 end
 
--- The APPOs a request tried so far, in order, from $upstream_addr ("a, b" once it ended;
--- "a : " in the balancer of a retry, where the attempt being set up has no address yet).
-local function tried_addrs()
-    local tried = {}
-    for token in gmatch(ngx.var.upstream_addr or "", "[^%s,]+") do
-        if token ~= ":" then tried[#tried + 1] = token end
+-- The values of an $upstream_* variable for the request's last pass through an upstream, in
+-- order. nginx separates attempts with ", " and passes (an internal redirect; in the balancer
+-- of a retry, the attempt being set up, which has no value yet) with " : ".
+function M.last_pass(text)
+    local pass, current = {}, {}
+    for token in gmatch(text or "", "[^%s,]+") do
+        if token == ":" then
+            if #current > 0 then pass = current end
+            current = {}
+        else
+            current[#current + 1] = token
+        end
     end
-    return tried
+    return #current > 0 and current or pass
+end
+
+-- The APPOs a request tried so far in its last pass, in order ("a : " in the balancer of a
+-- retry: a was tried).
+local function tried_addrs()
+    return M.last_pass(ngx.var.upstream_addr)
 end
 
 -- An attempt at addr failed: eject it for app, if it is one of the app's APPOs and the app is
@@ -310,7 +327,8 @@ local function fallback(app, kind)
     if #addrs == 0 then addrs = conf.appos end
     if #addrs == 0 then return end
     local host, port = discovery.split_addr(addrs[random(#addrs)])
-    set_current_peer(host, port)
+    local ok, err = set_current_peer(discovery.peer_host(host), port)
+    if not ok then error("set_current_peer: " .. tostring(err)) end
 end
 
 -- balancer_by_lua: set the peer for this try. kind: "o" (default) or "t" for /t/ routes.
@@ -330,14 +348,19 @@ local function log(app, kind)
     local eject_set = config.eject_set
     -- The last attempt did not fail (earlier ones were seen at their retry): most requests.
     if not eject_set[ngx.status] then return end
-    -- a snippet from 2.4.0 or before calls log() without the app: its location's name for it
-    app = app or ngx.var.chc_app
-    if not app then return end
+    -- a snippet from 2.4.0 or before calls log() without the app: its location's name for
+    -- it, and the route from the URI (/t/ or /o/)
+    if not app then
+        app = ngx.var.chc_app
+        if not app then return end
+        kind = (ngx.var.uri or ""):sub(1, 3) == "/t/" and "t" or "o"
+    end
     local statuses = ngx.var.upstream_status
     if not statuses then return end
     local codes, failed = {}, 0
-    for status in gmatch(statuses, "[^,:%s]+") do
-        local code = tonumber(status)
+    local pass = M.last_pass(statuses)
+    for i = 1, #pass do
+        local code = tonumber(pass[i])
         codes[#codes + 1] = code
         if code and eject_set[code] then failed = failed + 1 end
     end
@@ -353,9 +376,9 @@ local function log(app, kind)
     end
     -- The request's own failure only when every APPO it tried answered it (an answer's header
     -- came back): a refused or timed-out connection is evidence against that APPO.
-    local answered = 0
-    for header_time in gmatch(ngx.var.upstream_header_time or "", "[^,:%s]+") do
-        if header_time ~= "-" then answered = answered + 1 end
+    local answered, header_times = 0, M.last_pass(ngx.var.upstream_header_time)
+    for i = 1, #header_times do
+        if header_times[i] ~= "-" then answered = answered + 1 end
     end
     if failed == #codes and answered == #codes and distinct >= 2 then
         local dict = state.dict()

@@ -64,13 +64,28 @@ local function refuse(message)
     error("container_healthcheck.init: " .. message, 0)
 end
 
--- An APPO address as the balancer can use it: set_current_peer takes an IP, not a name.
+-- An APPO address as the balancer can use it (set_current_peer takes an IP, not a name),
+-- spelled as nginx spells it in $upstream_addr (no leading zeros, IPv6 in lower case): that
+-- is how a retry and the log phase know which APPO an attempt went to. nil: not IP:port.
+function M.canonical_addr(addr)
+    if type(addr) ~= "string" then return nil end
+    local a, b, c, d, port = addr:match("^(%d+)%.(%d+)%.(%d+)%.(%d+):(%d+)$")
+    if a then
+        return table.concat({ tonumber(a), tonumber(b), tonumber(c), tonumber(d) }, ".") .. ":" .. tonumber(port)
+    end
+    local v6, port6 = addr:match("^%[([%x:]+)%]:(%d+)$")
+    if v6 then return "[" .. v6:lower() .. "]:" .. tonumber(port6) end
+    return nil
+end
+
 local function check_addr_list(name, list)
     for i, addr in ipairs(list) do
-        if type(addr) ~= "string" or not (addr:match("^%d+%.%d+%.%d+%.%d+:%d+$") or addr:match("^%[[%x:]+%]:%d+$")) then
+        local canonical = M.canonical_addr(addr)
+        if not canonical then
             refuse("option `" .. name .. "`: entry " .. i .. " must be \"IP:port\" (a name cannot be balanced to), not "
                    .. tostring(addr))
         end
+        list[i] = canonical
     end
 end
 

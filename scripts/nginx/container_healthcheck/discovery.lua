@@ -21,6 +21,13 @@ function M.split_addr(addr)
     return host, tonumber(port)
 end
 
+-- The host as set_current_peer takes it: an IPv6 address in brackets (nginx parses a bare
+-- "::1" as a name with a port).
+function M.peer_host(host)
+    if host:find(":", 1, true) then return "[" .. host .. "]" end
+    return host
+end
+
 -- Peers of an upstream as nginx has them: { {addr=, backup=} ... }, `down` servers left out,
 -- each address of a multi-address name a peer of its own. nil when there is no such upstream.
 function M.upstream_peers(name)

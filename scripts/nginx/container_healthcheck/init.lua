@@ -42,7 +42,7 @@ local metrics = require "container_healthcheck.metrics"
 
 local ngx = ngx
 
-local M = { _VERSION = "2.4.0" }
+local M = { _VERSION = "2.4.1" }
 metrics.version = M._VERSION
 
 -- init_by_lua: the options (see container_healthcheck/config.lua). An unknown or wrong-typed
@@ -61,6 +61,7 @@ M.metrics = metrics.handle     -- content_by_lua: Prometheus text format 0.0.4
 
 -- The pure parts and the dict rules, for the unit tests (tests/lua/test_units.lua).
 M._units = { config = config, state = state, poller = poller, feed = require "container_healthcheck.feed",
-             records = require "container_healthcheck.records" }
+             records = require "container_healthcheck.records", balancer = balancer,
+             discovery = require "container_healthcheck.discovery" }
 
 return M
