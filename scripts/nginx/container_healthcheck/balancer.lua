@@ -348,8 +348,8 @@ local function log(app, kind)
     local eject_set = config.eject_set
     -- The last attempt did not fail (earlier ones were seen at their retry): most requests.
     if not eject_set[ngx.status] then return end
-    -- a snippet from 2.4.0 or before calls log() without the app: its location's name for
-    -- it, and the route from the URI (/t/ or /o/)
+    -- log() without the app (the shipped snippet: no variable read for a request that did not
+    -- fail): the snippet's name for it, and the route from the URI (/t/ or /o/)
     if not app then
         app = ngx.var.chc_app
         if not app then return end
@@ -394,7 +394,8 @@ local function log(app, kind)
     attempt_failed(app, choice, addr, "failed with " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
 end
 
--- log(app, kind): the same arguments as balance().
+-- log(app, kind): the same arguments as balance(); log() reads $chc_app and the route from
+-- the URI, and only when the request failed.
 function M.log(app, kind)
     local ok, err = pcall(log, app, kind)
     if not ok then state.lua_error("log", err) end
