@@ -159,8 +159,10 @@ def test_launcher_in_the_c_locale_with_no_lang(rpms, tmp_path, docker):
     root = _install(tmp_path, rpms["current"])
     launcher = str(root / "usr/bin/container-healthcheck")
     app = unique_app("rl")
-    docker.run(name_for(app, 1712345678), cmd=("sh", "-c", "sleep 3600 # café 内核"))
-    pattern = ["--ngx-port", "0", "--name-pattern", "{app}-1712345678"]
+    # a timestamp no other test uses: --name-pattern then picks out this test's app alone
+    # (test_locale's 1712345678 containers come and go on the same engine meanwhile)
+    docker.run(name_for(app, 1712345679), cmd=("sh", "-c", "sleep 3600 # café 内核"))
+    pattern = ["--ngx-port", "0", "--name-pattern", "{app}-1712345679"]
     for python in _pythons_36_and_current():
         env = {"PATH": "/usr/bin:/bin", "DOCKER_HOST": os.environ.get("DOCKER_HOST", ""), "PYTHON": python}
         state = str(tmp_path / ("state-%d" % len(python)))
