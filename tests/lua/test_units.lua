@@ -32,6 +32,14 @@ local function healthy_record(app, addr, now)
     dict:set(state.health_key(app, addr), records.encode_health({ healthy = true, streak = 0, since = now }))
 end
 
+-- app healthy on each of addrs, fresh for a minute.
+local function serving(app, addrs, now)
+    for _, addr in ipairs(addrs) do
+        healthy_record(app, addr, now)
+        dict:set("fresh:" .. addr, now + 60)
+    end
+end
+
 local function raw(app, addr)
     return dict:get(state.health_key(app, addr))
 end
@@ -202,10 +210,7 @@ test("passive evidence alone never takes out more than half of an app's APPOs", 
     local B, C = "127.0.0.3:8010", "127.0.0.4:8010"
     local now = ngx.now()
     local peers = { A, B, C }
-    for _, addr in ipairs(peers) do
-        healthy_record("a", addr, now)
-        dict:set("fresh:" .. addr, now + 60)
-    end
+    serving("a", peers, now)
     eq(state.eject(dict, "a", A, "answered 502", peers), "new")
     eq(state.eject(dict, "a", B, "answered 502", peers), "capped", "1 of 3 is half, rounded down")
     eq(state.ejected(dict, "a", B), false)
@@ -253,10 +258,7 @@ test("a worker reads an app's version again once the entry's change count moved:
     local B = "127.0.0.3:8010"
     conf.apps.ver_app = { A, B }
     local now = ngx.now()
-    for _, addr in ipairs({ A, B }) do
-        dict:set("fresh:" .. addr, now + 60)
-        healthy_record("ver_app", addr, now)
-    end
+    serving("ver_app", { A, B }, now)
     eq(#chc.choose("ver_app", "o"), 2, "both usable")
     -- another worker finds B unhealthy: the dict changes, this worker's own count does not
     dict:set(state.health_key("ver_app", B), records.encode_health({ healthy = false, streak = 0, since = now }))
@@ -309,10 +311,7 @@ test("round-robin turns are per route: /o/ and /t/ requests interleaved each rea
     local B = "127.0.0.3:8010"
     conf.apps.rr_app = { A, B }
     local now = ngx.now()
-    for _, addr in ipairs({ A, B }) do
-        dict:set("fresh:" .. addr, now + 60)
-        healthy_record("rr_app", addr, now)
-    end
+    serving("rr_app", { A, B }, now)
     local seen = { o = {}, t = {} }
     for _ = 1, 4 do
         for _, kind in ipairs({ "o", "t" }) do
