@@ -105,7 +105,7 @@ local function choose(app, kind, now, dict, ver, quiet)
     for i = 1, #every do known[every[i]] = true end
     return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
              all = #primary > 0 and primary or every, known = known, turn = random(#list > 0 and #list or 1) - 1,
-             vkey = "v:" .. app, from = peers, watch = watch, made = now }
+             vkey = records.version_key(app), from = peers, watch = watch, made = now }
 end
 
 -- Same peers as the choice was made from (peers_for makes a new list every interval)?
@@ -170,7 +170,7 @@ local function choice_for(app, kind)
             if now < cached.expires or still_stands(cached, app, kind, dict, now) then return cached end
         end
     else
-        ver = dict:get("v:" .. app) or false
+        ver = dict:get(records.version_key(app)) or false
     end
     local fresh = choose(app, kind, now, dict, ver)
     fresh.epoch = epoch
