@@ -69,18 +69,31 @@ end
 -- once a ms, and an app's version only after it moved (or when the app's choice is due).
 M.bumps = 0  -- versions this worker moved: its own changes count at once
 
-function M.bump(dict, app)
-    M.bumps = M.bumps + 1
-    local seed = floor(now_of() * 1000)
+-- app's version moves (seed: where a new key starts)
+local function move_version(dict, app, seed)
     local _, err = dict:incr(version_key(app), 1, seed, conf.forget_after)
-    if err then say_full(err) end
-    _, err = dict:incr(records.CHANGES_KEY, 1, seed)
     if err then say_full(err) end
 end
 
--- Something every app on an APPO depends on changed (its freshness): bump each of them.
+-- the entry's change count moves, after the versions it announces
+local function move_changes(dict, seed)
+    M.bumps = M.bumps + 1
+    local _, err = dict:incr(records.CHANGES_KEY, 1, seed)
+    if err then say_full(err) end
+end
+
+function M.bump(dict, app)
+    local seed = floor(now_of() * 1000)
+    move_version(dict, app, seed)
+    move_changes(dict, seed)
+end
+
+-- Something every app on an APPO depends on changed (its freshness): bump each of them, and
+-- the change count once.
 function M.bump_apps(dict, apps)
-    for app in pairs(apps) do M.bump(dict, app) end
+    local seed = floor(now_of() * 1000)
+    for app in pairs(apps) do move_version(dict, app, seed) end
+    move_changes(dict, seed)
 end
 
 ---------------------------------------------------------------------------------------------
