@@ -13,7 +13,7 @@ import pytest
 from support import ROOT, free_port, get_json, name_for, unique_app, wait_for
 
 SPEC_GO_TOOL = os.path.join(ROOT, "tests", "fixtures", "rpm", "go-tool.spec")
-NEWER = "2.4.2"
+NEWER = "2.4.3"
 NAME = "container-healthcheck"
 # What rpm 4.11 (CentOS 7) provides, from its lib/rpmds.c rpmlibProvides table: a package
 # requiring any other rpmlib() feature (LargeFiles, RichDependencies, PayloadIsZstd,

@@ -42,7 +42,7 @@ local metrics = require "container_healthcheck.metrics"
 
 local ngx = ngx
 
-local M = { _VERSION = "2.4.1" }
+local M = { _VERSION = "2.4.2" }
 metrics.version = M._VERSION
 
 -- init_by_lua: the options (see container_healthcheck/config.lua). An unknown or wrong-typed
