@@ -1,7 +1,9 @@
 """The entry Lua under faults of its own, in a real nginx with two loopback APPOs: an error in
 balance() or log() is contained (the request goes where nginx would send it without the Lua,
 never a 500), and with its shared dict full the balancer still balances and no ejection
-outlives its hold. No docker: the APPOs are plain loopback HTTP servers."""
+outlives its hold; a keepalive connection an APPO closes as a request goes out on it takes no
+APPO out, an APPO that breaks every connection is out at the second. No docker: the APPOs
+are plain loopback HTTP servers."""
 import json
 import re
 import time
@@ -106,14 +108,7 @@ def test_an_error_in_balance_or_log_is_contained_the_request_still_served(tmp_pa
         nginx.stop()
 
 
-FULL_DICT = """location = /fill { content_by_lua_block {
-            local dict = ngx.shared.container_healthcheck
-            local n = 0
-            while dict:safe_set("junk" .. n, string.rep("x", 100)) do n = n + 1 end
-            while dict:rpush("junk-list", "y") do n = n + 1 end
-            ngx.say(n)
-        } }
-        location = /ejection { content_by_lua_block {
+EJECTION = """location = /ejection { content_by_lua_block {
             local dict = ngx.shared.container_healthcheck
             local key = "e:demo|" .. ngx.var.arg_addr
             local value = dict:get(key)
@@ -121,6 +116,15 @@ FULL_DICT = """location = /fill { content_by_lua_block {
             ngx.say(string.format('{"value":%s,"ttl":%s,"queued":%d}', value and ('"' .. value .. '"') or "false",
                                   value and tostring(dict:ttl(key)) or "false", queued))
         } }"""
+
+FULL_DICT = """location = /fill { content_by_lua_block {
+            local dict = ngx.shared.container_healthcheck
+            local n = 0
+            while dict:safe_set("junk" .. n, string.rep("x", 100)) do n = n + 1 end
+            while dict:rpush("junk-list", "y") do n = n + 1 end
+            ngx.say(n)
+        } }
+        """ + EJECTION
 
 
 def test_with_its_dict_full_the_balancer_balances_and_no_ejection_outlives_its_hold(tmp_path, appos):
@@ -180,3 +184,79 @@ def test_the_alive_check_tells_a_live_nginx_from_a_hung_or_absent_one(tmp_path):
         nginx.stop()
         for server in (live, broken, silent):
             server.close()
+
+
+class KeepAliveAppo(LoopbackServer):
+    """An APPO Nginx that keeps connections open (HTTP/1.1 keep-alive) and closes one without
+    an answer when breaks(n, broken so far) says so, n counting the app requests on that
+    connection from 1: the way a reloading Nginx closes an idle connection as the entry sends
+    a request on it. No health service behind it (404): the entry fails open to both."""
+
+    def __init__(self, body, breaks):
+        self.body, self.breaks, self.broken = body, breaks, 0
+        LoopbackServer.__init__(self)
+
+    def handle(self, conn):
+        n = 0
+        while True:
+            path = StatusServer.read_path(conn)
+            if path is None:
+                return
+            status, body = (200, self.body) if path.startswith("/o/") else (404, b"")
+            if path.startswith("/o/"):
+                n += 1
+                if self.breaks(n, self.broken):
+                    self.broken += 1
+                    conn.close()
+                    return
+            conn.sendall(b"HTTP/1.1 %d Status\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body))
+
+
+# The shipped request path's keepalive: connections to the APPOs are kept and reused.
+KEEPALIVE_ROUTES = ROUTES.replace('.balance(ngx.var.chc_app, "o") }\n', '.balance(ngx.var.chc_app, "o") }\n        keepalive 16;\n').replace(
+    "            proxy_pass http://appo_by_health;\n",
+    "            proxy_pass http://appo_by_health;\n            proxy_http_version 1.1;\n"
+    "            proxy_set_header Connection \"\";\n")
+
+
+def _keepalive_entry(tmp_path, a, b):
+    assert "keepalive 16;" in KEEPALIVE_ROUTES and "proxy_http_version 1.1;" in KEEPALIVE_ROUTES
+    return LuaNginx(str(tmp_path), """
+    init_by_lua_block { require("container_healthcheck").init({ apps = { demo = { "%s", "%s" } }, interval = 1 }) }
+    init_worker_by_lua_block { require("container_healthcheck").init_worker() }
+    %s""" % (a, b, KEEPALIVE_ROUTES % {"extra": EJECTION}))
+
+
+def test_a_keepalive_connection_closed_as_a_request_goes_out_takes_no_appo_out(tmp_path):
+    # A closes its kept connection at the first request sent on it again, once.
+    appo_a = KeepAliveAppo(b"A", lambda n, broken: n == 2 and broken == 0)
+    appo_b = StatusServer(body=b"B")
+    a, b = "127.0.0.1:%d" % appo_a.port, "127.0.0.1:%d" % appo_b.port
+    nginx = _keepalive_entry(tmp_path, a, b)
+    try:
+        answers = [_get(nginx.port, "/o/demo/") for _ in range(12)]
+        assert appo_a.broken == 1, answers  # the fault fired
+        assert [status for status, _ in answers] == [200] * 12  # retried on B
+        assert not json.loads(_get(nginx.port, "/ejection?addr=" + a)[1])["value"], "A was taken out"
+        assert ("A" in [body for _, body in answers[-4:]]), answers  # A still has its share
+        assert "broke unanswered" in open(nginx.error_log).read()
+    finally:
+        nginx.stop()
+        appo_a.close()
+        appo_b.close()
+
+
+def test_an_appo_that_breaks_every_connection_is_out_at_the_second(tmp_path):
+    appo_a = KeepAliveAppo(b"A", lambda n, broken: True)  # accepts, reads, closes: every time
+    appo_b = StatusServer(body=b"B")
+    a, b = "127.0.0.1:%d" % appo_a.port, "127.0.0.1:%d" % appo_b.port
+    nginx = _keepalive_entry(tmp_path, a, b)
+    try:
+        answers = [_get(nginx.port, "/o/demo/") for _ in range(12)]
+        assert answers == [(200, "B")] * 12  # every request retried on B
+        assert appo_a.broken == 2  # the first only remembered, the second took A out
+        assert json.loads(_get(nginx.port, "/ejection?addr=" + a)[1])["value"], "A was not taken out"
+    finally:
+        nginx.stop()
+        appo_a.close()
+        appo_b.close()

@@ -235,14 +235,44 @@ local function tried_addrs()
     return M.last_pass(ngx.var.upstream_addr)
 end
 
+-- Did the request's last attempt (code: its status) break unanswered after its connection
+-- was made or reused: a 502 with a connect time and no header time? That is what an idle
+-- keepalive connection the APPO closed as the request went out on it looks like (its Nginx
+-- reloaded, or timed the connection out), and nginx itself does not hold such a failure
+-- against a server. A refused connection has no connect time; a timeout is a 504.
+local function broke_unanswered(code)
+    if code ~= 502 then return false end
+    local connects, headers = M.last_pass(ngx.var.upstream_connect_time), M.last_pass(ngx.var.upstream_header_time)
+    local connect, header = connects[#connects], headers[#headers]
+    return connect ~= nil and connect ~= "-" and (header == nil or header == "-")
+end
+
+-- Did the request try its last APPO before, in the same pass? nginx gives back a try that
+-- broke on a kept connection, so one request can come back to an APPO: its second broken
+-- connection there is the same event (one reload closed both), not a second one.
+local function tried_before(tried)
+    local last = tried[#tried]
+    for i = 1, #tried - 1 do
+        if tried[i] == last then return true end
+    end
+    return false
+end
+
 -- An attempt at addr failed: eject it for app, if it is one of the app's APPOs and the app is
--- one nginx or an APPO told us of (a name a client made up never becomes a key). The request
+-- one nginx or an APPO told us of (a name a client made up never becomes a key). A connection
+-- that broke unanswered (broken) ejects only the second time within state.BROKEN_WINDOW: an
+-- APPO that breaks every connection is still taken out, one reload is not. The request
 -- remembers the ejections it made (ngx.ctx, on this rare path only), to take them back if
 -- the failure turns out to be its own.
-local function attempt_failed(app, choice, addr, cause, label)
+local function attempt_failed(app, choice, addr, cause, label, broken)
     if not choice.known[addr] then return end
     local dict = state.dict()
     if not (choice.source == "own" or choice.source == "fixed" or dict:get(state.health_key(app, addr))) then return end
+    if broken and not state.broken_again(dict, app, addr) then
+        state.log_limited("broken:" .. addr, WARN, "a connection to APPO ", addr, " broke unanswered (app ", app,
+                          "): not taken out unless it happens again within ", state.BROKEN_WINDOW, " s")
+        return
+    end
     local outcome = state.eject(dict, app, addr, cause, choice.all)
     local labels = peer_labels(app, addr)
     if outcome == "new" or outcome == "joined" then
@@ -283,8 +313,9 @@ end
 local function retry(app, kind, choice, code)
     local tried = tried_addrs()
     local last = tried[#tried]
-    if last and code and config.eject_set[code] then
-        attempt_failed(app, choice, last, "failed with " .. code, FAILURE_LABEL[code] or "http_5xx")
+    local broken = broke_unanswered(code)
+    if last and code and config.eject_set[code] and not (broken and tried_before(tried)) then
+        attempt_failed(app, choice, last, "failed with " .. code, FAILURE_LABEL[code] or "http_5xx", broken)
         choice = choice_for(app, kind)
         if choice.n == 0 then return nil end
     end
@@ -391,7 +422,9 @@ local function log(app, kind)
                           statuses, "): the request's failure, not theirs; none is taken out")
         return
     end
-    attempt_failed(app, choice, addr, "failed with " .. last_code, FAILURE_LABEL[last_code] or "http_5xx")
+    local broken = broke_unanswered(last_code)
+    if broken and tried_before(tried) then return end
+    attempt_failed(app, choice, addr, "failed with " .. last_code, FAILURE_LABEL[last_code] or "http_5xx", broken)
 end
 
 -- log(app, kind): the same arguments as balance(); log() reads $chc_app and the route from

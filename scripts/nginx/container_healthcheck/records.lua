@@ -5,6 +5,7 @@
 --   s:<app>|<addr>  health    "<1|0>|<streak>|<since>"
 --   w:<app>|<addr>  why the app is not healthy there, in the service's words
 --   e:<app>|<addr>  ejection  "<at>|<hold_until>|<count>|<cleared 0|1>|<votes>|<cause>"
+--   k:<app>|<addr>  a request's connection there broke unanswered (a second within 30 s ejects)
 -- Per APPO (addr):
 --   fresh:<addr>    until when its verdicts count (ngx.now() seconds)
 --   ok:<addr>       when its service last answered;  err:<addr> why it did not

@@ -181,6 +181,21 @@ local function ejected_while_healthy(dict, app, addr, peers, now)
     return out
 end
 
+-- How long a connection that broke without an answer waits for a second one (same app and
+-- APPO) before it is forgotten.
+M.BROKEN_WINDOW = 30
+
+-- A request's connection to addr broke before any answer came back (see balancer.lua's
+-- broke_unanswered). True when that is the second time for app on addr within BROKEN_WINDOW
+-- (or the zone could not tell: evidence counts as before); the first is only remembered.
+function M.broken_again(dict, app, addr)
+    local key = "k:" .. app .. "|" .. addr
+    local ok, err = dict:add(key, 1, M.BROKEN_WINDOW)
+    if ok then return false end
+    if err == "exists" then dict:delete(key) end
+    return true
+end
+
 -- Take addr out for app now, for every worker, after a failed request there. peers: every
 -- APPO of the app. Passive evidence alone never takes out more than half of them (at least
 -- one) while their health answers say healthy (Envoy's max_ejection_percent). Returns "new",
