@@ -213,7 +213,9 @@ class KeepAliveAppo(LoopbackServer):
 
 
 # The shipped request path's keepalive: connections to the APPOs are kept and reused.
-KEEPALIVE_ROUTES = ROUTES.replace('.balance(ngx.var.chc_app, "o") }\n', '.balance(ngx.var.chc_app, "o") }\n        keepalive 16;\n').replace(
+# (keepalive after balancer_by_lua, as lua-nginx-module asks)
+BALANCER_LINE = '.balance(ngx.var.chc_app, "o") }\n'
+KEEPALIVE_ROUTES = ROUTES.replace(BALANCER_LINE, BALANCER_LINE + "        keepalive 16;\n").replace(
     "            proxy_pass http://appo_by_health;\n",
     "            proxy_pass http://appo_by_health;\n            proxy_http_version 1.1;\n"
     "            proxy_set_header Connection \"\";\n")
