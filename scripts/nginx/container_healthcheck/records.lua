@@ -31,6 +31,7 @@ function M.health_key(app, addr) return "s:" .. app .. "|" .. addr end
 function M.reason_key(app, addr) return "w:" .. app .. "|" .. addr end
 function M.ejection_key(app, addr) return "e:" .. app .. "|" .. addr end
 function M.version_key(app) return "v:" .. app end
+function M.broken_key(app, addr) return "k:" .. app .. "|" .. addr end
 M.CHANGES_KEY = "changes"
 
 -- A health record: { healthy = bool, streak = answers against it so far, since = when it

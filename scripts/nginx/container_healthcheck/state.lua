@@ -189,7 +189,7 @@ M.BROKEN_WINDOW = 30
 -- broke_unanswered). True when that is the second time for app on addr within BROKEN_WINDOW
 -- (or the zone could not tell: evidence counts as before); the first is only remembered.
 function M.broken_again(dict, app, addr)
-    local key = "k:" .. app .. "|" .. addr
+    local key = records.broken_key(app, addr)
     local ok, err = dict:add(key, 1, M.BROKEN_WINDOW)
     if ok then return false end
     if err == "exists" then dict:delete(key) end
