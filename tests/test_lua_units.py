@@ -36,7 +36,7 @@ def test_lua_units(nginx):
     lines = opener.open(url + "?feed=" + feed, timeout=10).read().decode("utf-8").splitlines()
     failed = [line for line in lines if not line.startswith("ok ")]
     assert failed == [], "\n".join(failed)
-    assert len(lines) == 20, lines
+    assert len(lines) == 21, lines
 
 
 @pytest.mark.parametrize("options,words", [

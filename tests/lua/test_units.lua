@@ -277,6 +277,22 @@ test("a worker reads an app's version again once the entry's change count moved:
     conf.apps.ver_app = nil
 end)
 
+test("a choice sees an APPO's freshness lapse by time alone at its deadline, and a deadline moved on", function()
+    local B = "127.0.0.3:8010"
+    conf.apps.lapse_app = { A, B }
+    local now = ngx.now()
+    serving("lapse_app", { A, B }, now)
+    dict:set("fresh:" .. A, now + 0.3)
+    dict:set("fresh:" .. B, now + 0.3)
+    eq(#chc.choose("lapse_app", "o"), 2, "both usable")
+    dict:set("fresh:" .. A, now + 60)  -- A answered again (no version moves for that)
+    -- B's channel stopped: its deadline passes and nobody says so
+    ngx.sleep(0.4)
+    local candidates = chc.choose("lapse_app", "o")
+    eq(#candidates == 1 and candidates[1] == A, true, "past the deadline B is out, A still in")
+    conf.apps.lapse_app = nil
+end)
+
 test("fail-open goes to the APPOs whose health answer says healthy before going to all", function()
     local B = "127.0.0.3:8010"
     conf.apps.open_app = { A, B }

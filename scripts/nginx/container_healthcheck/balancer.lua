@@ -49,6 +49,30 @@ local function peer_of(addr)
     return peer
 end
 
+-- Per worker: each APPO's freshness deadline (fresh:<addr>) as last read (false: not fresh),
+-- read again only once it has passed. While an APPO answers, its deadline only moves on; an
+-- APPO that stops counting or counts again moves its apps' versions (state.answered, failed,
+-- kept), which a choice sees from its version: what this has to see is a deadline passing by
+-- time alone (a channel that stopped), and it does, at the deadline.
+local fresh_memo, fresh_memo_size = {}, 0
+
+local function remember_fresh(key, value)
+    if fresh_memo[key] == nil then
+        if fresh_memo_size > MAX_ENTRIES then fresh_memo, fresh_memo_size = {}, 0 end
+        fresh_memo_size = fresh_memo_size + 1
+    end
+    fresh_memo[key] = value
+end
+
+local function fresh_until(dict, key, now)
+    local deadline = fresh_memo[key]
+    if deadline == nil or (deadline and now > deadline) then
+        deadline = dict:get(key) or false
+        remember_fresh(key, deadline)
+    end
+    return deadline
+end
+
 -- A choice: { ver, expires, peers (the candidates: {addr, host, port}), n, tier, source,
 -- all (every primary address, for the ejection cap), known (set of all the app's addresses),
 -- turn }. tier: "usable"; "healthy"
@@ -66,7 +90,9 @@ local function choose(app, kind, now, dict, ver, quiet)
         if not p.backup then primary[#primary + 1] = addr end
         local yes, fresh, says_healthy = state.usable(dict, app, addr, now)
         if fresh then expires = min(expires, fresh) end
-        watch[i] = { key = state.fresh_key(addr), fresh = fresh ~= nil }
+        local key = state.fresh_key(addr)
+        watch[i] = { key = key, fresh = fresh ~= nil }
+        remember_fresh(key, fresh or false)
         if yes then
             local list = p.backup and usable_backup or usable
             list[#list + 1] = addr
@@ -105,35 +131,22 @@ local function choose(app, kind, now, dict, ver, quiet)
     for i = 1, #every do known[every[i]] = true end
     return { ver = ver, expires = expires, peers = list, n = #list, tier = tier, source = source,
              all = #primary > 0 and primary or every, known = known, turn = random(#list > 0 and #list or 1) - 1,
-             vkey = records.version_key(app), from = peers, watch = watch, made = now }
-end
-
--- Same peers as the choice was made from (peers_for makes a new list every interval)?
-local function same_peers(a, b)
-    if a == b then return true end
-    if #a ~= #b then return false end
-    for i = 1, #a do
-        if a[i].addr ~= b[i].addr or a[i].backup ~= b[i].backup then return false end
-    end
-    return true
+             vkey = records.version_key(app), watch = watch, made = now }
 end
 
 -- A cached choice whose time is up still stands when nothing it rests on changed by time
--- alone: the same peers, and each APPO still fresh (or still not) as it was judged. Every
--- other change (health, ejections, an APPO out or back) moves the app's version. Cheaper
--- than choosing again: one dict read per APPO, once a second per app per worker.
-local function still_stands(choice, app, kind, dict, now)
+-- alone: each APPO still fresh (or still not) as it was judged. Every other change (health,
+-- ejections, an APPO out or back) moves the app's version; the app's peers (its upstream)
+-- are looked at again when the choice is made again, at least every REMAKE_S. No dict read
+-- unless an APPO's deadline passed: a few table reads, once a second per app per worker.
+local function still_stands(choice, dict, now)
     if now - choice.made >= REMAKE_S then return false end
-    local peers, source = discovery.peers_for(app, kind)
-    if not same_peers(peers, choice.from) then return false end
-    discovery.learn(app, peers, source)
-    choice.from = peers
     local expires, watch = now + 1, choice.watch
     for i = 1, #watch do
-        local fresh = dict:get(watch[i].key)
-        local is_fresh = fresh ~= nil and now <= fresh
+        local deadline = fresh_until(dict, watch[i].key, now)
+        local is_fresh = deadline and now <= deadline or false
         if is_fresh ~= watch[i].fresh then return false end
-        if is_fresh then expires = min(expires, fresh) end
+        if is_fresh then expires = min(expires, deadline) end
     end
     choice.expires = expires
     return true
@@ -167,7 +180,7 @@ local function choice_for(app, kind)
             cached.epoch = epoch
             -- expiry is the safety net for a channel that stopped (its APPO's answers age
             -- without anyone saying so)
-            if now < cached.expires or still_stands(cached, app, kind, dict, now) then return cached end
+            if now < cached.expires or still_stands(cached, dict, now) then return cached end
         end
     else
         ver = dict:get(records.version_key(app)) or false
