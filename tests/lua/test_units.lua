@@ -44,7 +44,13 @@ local function raw(app, addr)
     return dict:get(state.health_key(app, addr))
 end
 
-local A = "127.0.0.2:8010"
+local A, B = "127.0.0.2:8010", "127.0.0.3:8010"
+
+-- app routed to A and B (the config's own list), as of now; returns now.
+local function on_a_and_b(app)
+    conf.apps[app] = { A, B }
+    return ngx.now()
+end
 
 test("the service's own feed answer parses (format 1)", function()
     local handle = assert(io.open(ngx.var.arg_feed, "rb"))
@@ -207,7 +213,7 @@ test("one request failing everywhere takes back its ejection; votes of others st
 end)
 
 test("passive evidence alone never takes out more than half of an app's APPOs", function()
-    local B, C = "127.0.0.3:8010", "127.0.0.4:8010"
+    local C = "127.0.0.4:8010"
     local now = ngx.now()
     local peers = { A, B, C }
     serving("a", peers, now)
@@ -255,9 +261,7 @@ end)
 
 test("a worker reads an app's version again once the entry's change count moved: another worker's " ..
      "change from its next ms, its own at once", function()
-    local B = "127.0.0.3:8010"
-    conf.apps.ver_app = { A, B }
-    local now = ngx.now()
+    local now = on_a_and_b("ver_app")
     serving("ver_app", { A, B }, now)
     eq(#chc.choose("ver_app", "o"), 2, "both usable")
     -- another worker finds B unhealthy: the dict changes, this worker's own count does not
@@ -278,9 +282,7 @@ test("a worker reads an app's version again once the entry's change count moved:
 end)
 
 test("a choice sees an APPO's freshness lapse by time alone at its deadline, and a deadline moved on", function()
-    local B = "127.0.0.3:8010"
-    conf.apps.lapse_app = { A, B }
-    local now = ngx.now()
+    local now = on_a_and_b("lapse_app")
     serving("lapse_app", { A, B }, now)
     dict:set("fresh:" .. A, now + 0.3)
     dict:set("fresh:" .. B, now + 0.3)
@@ -294,9 +296,7 @@ test("a choice sees an APPO's freshness lapse by time alone at its deadline, and
 end)
 
 test("fail-open goes to the APPOs whose health answer says healthy before going to all", function()
-    local B = "127.0.0.3:8010"
-    conf.apps.open_app = { A, B }
-    local now = ngx.now()
+    local now = on_a_and_b("open_app")
     for _, addr in ipairs({ A, B }) do dict:set("fresh:" .. addr, now + 60) end
     healthy_record("open_app", A, now)
     dict:set(state.health_key("open_app", B), records.encode_health({ healthy = false, streak = 0, since = now }))
@@ -324,9 +324,7 @@ test("/apps answers of services without the feed: healthy list and reasons", fun
 end)
 
 test("round-robin turns are per route: /o/ and /t/ requests interleaved each reach both peers", function()
-    local B = "127.0.0.3:8010"
-    conf.apps.rr_app = { A, B }
-    local now = ngx.now()
+    local now = on_a_and_b("rr_app")
     serving("rr_app", { A, B }, now)
     local seen = { o = {}, t = {} }
     for _ = 1, 4 do
