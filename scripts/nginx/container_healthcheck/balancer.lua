@@ -2,11 +2,12 @@
 -- round-robin among the APPOs where the app is usable and retries the next one; when none is
 -- usable it FAILS OPEN, first to the APPOs whose health answer says healthy (ejected on failed
 -- requests alone), else to all of them (Envoy's panic mode keeps this order). A failed attempt
--- ejects that APPO for that app at once; a request that failed on every APPO it tried takes
--- its ejections back (the failure was the request's). Both phases are contained: a Lua error
--- sends the request where nginx would without the Lua, never a 500.
+-- ejects that APPO for that app at once (a connection that broke unanswered: at its second);
+-- a request that failed on every APPO it tried takes its ejections back (the failure was the
+-- request's). Both phases are contained: a Lua error sends the request where nginx would
+-- without the Lua, never a 500.
 -- No socket, no key scan: each worker keeps its choice for an app until the app's version
--- moves (one dict read per request).
+-- moves (the entry's change count read once a ms, an app's version only after it moved).
 local ngx_balancer = require "ngx.balancer"
 local config = require "container_healthcheck.config"
 local discovery = require "container_healthcheck.discovery"
@@ -174,13 +175,15 @@ local function choice_for(app, kind)
     end
     local ver
     if cached then
-        if cached.epoch == epoch and now < cached.expires then return cached end
-        ver = dict:get(cached.vkey) or false
-        if cached.ver == ver then
-            cached.epoch = epoch
+        if cached.epoch ~= epoch then
+            ver = dict:get(cached.vkey) or false
+            if cached.ver == ver then cached.epoch = epoch end
+        end
+        if cached.epoch == epoch then  -- its version has not moved
             -- expiry is the safety net for a channel that stopped (its APPO's answers age
             -- without anyone saying so)
             if now < cached.expires or still_stands(cached, dict, now) then return cached end
+            ver = cached.ver
         end
     else
         ver = dict:get(records.version_key(app)) or false
